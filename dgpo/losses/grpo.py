@@ -7,7 +7,16 @@ import math
 import torch
 from torch import Tensor
 
-from dgpo.losses.base import HN, HP, LN, Aggregation, PolicyLoss, check_range, ratio_from_logp, regions
+from dgpo.losses.base import (
+    HN,
+    HP,
+    LN,
+    Aggregation,
+    PolicyLoss,
+    check_range,
+    ratio_from_logp,
+    regions,
+)
 
 
 class GRPOLoss(PolicyLoss):

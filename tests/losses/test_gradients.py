@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from dgpo.losses import REGION_NAMES, build_loss, regions
-
 from tests.losses.cases import make_loss, region_batch
 
 

@@ -1,0 +1,3 @@
+from dgpo.cli import main
+
+main()

@@ -1,0 +1,35 @@
+"""Command-line entry point: ``python -m dgpo fit|validate|test --config configs/<name>.yaml``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from dgpo.data import RLVRDataModule
+from dgpo.module import RLVRModule
+
+
+class DGPOCLI(LightningCLI):
+    """LightningCLI for dgpo: the RLVR module and data module, seeds and config saving."""
+
+
+def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DGPOCLI:
+    """Run the CLI (``args`` as on the command line; ``None`` reads ``sys.argv``).
+
+    Environment variables for an in-process vLLM engine on CPU are set here, and only here,
+    unless the caller already set them.
+    """
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return DGPOCLI(
+        RLVRModule,
+        RLVRDataModule,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        trainer_defaults={"plugins": [{"class_path": "dgpo.checkpoint.AtomicCheckpointIO"}]},
+        args=args,
+        run=run,
+    )

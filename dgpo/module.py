@@ -1,0 +1,369 @@
+"""The LightningModule: the policy, the frozen reference model, the policy loss and optimisation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from dgpo.checkpoint import restore_rng_states, rng_states
+from dgpo.evaluation.benchmarks import BenchmarkBatch
+from dgpo.evaluation.config import EvalConfig
+from dgpo.evaluation.evaluator import Evaluator
+from dgpo.logprobs import sequence_logprobs
+from dgpo.losses import LOSSES, DGPOLoss, PolicyLoss, build_loss
+from dgpo.models import resolve_model
+from dgpo.rollout.buffer import RolloutSample, collate_samples
+from dgpo.rollout.engine import RolloutEngine
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RLVRModule(LightningModule):
+    """A causal language model trained with a policy loss on rollouts served by the data module.
+
+    One training batch is one mini-batch of the rollout buffer and one optimiser step (manual
+    optimisation): it is split into micro-batches of ``micro_batch_size`` sequences, sorted by
+    length to limit padding, whose gradients accumulate before the step. The loss is normalised
+    by the global token count of the mini-batch, so the split does not change the gradient.
+
+    Public interface for callbacks: :attr:`tokenizer`, :attr:`policy`, :attr:`model_path`,
+    :meth:`score_samples` (behaviour / reference log-probs), :meth:`named_weights_for_engine` and
+    :attr:`temperature` (set by the rollout callback to the sampling temperature) and
+    :attr:`rollout_engine` (set by the rollout callback; validation and test sample with it).
+
+    Validation and test (``dgpo validate|test``, or every ``check_val_every_n_epoch`` epochs of
+    ``fit``) sample ``evaluation.k`` answers per benchmark problem of the data module's
+    benchmarks and log ``val/<benchmark>/avg@k``, ``pass@k``, ... (see
+    :class:`~dgpo.evaluation.evaluator.Evaluator`).
+
+    Args:
+        model_name_or_path: a local Hugging Face folder, a hub id, or a built-in name
+            (``builtin:smollm2-135m-instruct``, ``builtin:tiny-qwen2``).
+        loss: the policy loss: a :class:`~dgpo.losses.PolicyLoss` (``class_path`` in YAML) or a
+            built-in name (``"dgpo"``, ``"grpo"``, ...). Defaults to ``DGPOLoss()``.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps of the learning rate.
+        lr_schedule: ``"constant"`` or ``"cosine"`` decay to ``min_lr_ratio · lr`` after warm-up.
+        min_lr_ratio: floor of the cosine schedule, as a fraction of ``lr``.
+        max_grad_norm: gradient clipping by global norm; ``None`` disables it.
+        kl_coef: coefficient of the k3 KL penalty to the frozen reference model; the reference
+            model is only loaded when it is > 0.
+        entropy_coef: coefficient of an entropy bonus (0 in the paper).
+        micro_batch_size: sequences per forward/backward pass.
+        dtype: dtype of the policy's weights.
+        logprob_chunk_size: tokens projected through the LM head at once (see :mod:`dgpo.logprobs`).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        attn_implementation: passed to ``from_pretrained`` (e.g. ``"sdpa"``, ``"flash_attention_2"``).
+        evaluation: sampling and scoring of validation and test (``k``, ``temperature``, ...);
+            see :class:`~dgpo.evaluation.EvalConfig` for the defaults (the paper's).
+
+    Raises:
+        ValueError: for an unknown loss name or an out-of-range setting.
+        FileNotFoundError: for a local model path that does not exist.
+    """
+
+    def __init__(self, model_name_or_path: str, loss: PolicyLoss | str | None = None,
+                 lr: float = 1e-6, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999), warmup_steps: int = 0,
+                 lr_schedule: Literal["constant", "cosine"] = "constant",
+                 min_lr_ratio: float = 0.0, max_grad_norm: float | None = 1.0,
+                 kl_coef: float = 0.0, entropy_coef: float = 0.0, micro_batch_size: int = 8,
+                 dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+                 logprob_chunk_size: int = 1024, gradient_checkpointing: bool = False,
+                 attn_implementation: str | None = None,
+                 evaluation: EvalConfig | None = None) -> None:
+        super().__init__()
+        evaluation = EvalConfig.build(evaluation)  # a dict when loaded from a checkpoint
+        if isinstance(loss, str):
+            loss = build_loss(loss)
+        elif loss is None:
+            loss = DGPOLoss()
+        elif not isinstance(loss, PolicyLoss):
+            raise ValueError(f"loss must be a dgpo.losses.PolicyLoss or one of {list(LOSSES)}, "
+                             f"got {type(loss).__name__}")
+        _check_positive("lr", lr)
+        _check_positive("micro_batch_size", micro_batch_size)
+        _check_positive("logprob_chunk_size", logprob_chunk_size)
+        for name, value in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef),
+                            ("weight_decay", weight_decay), ("warmup_steps", warmup_steps)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if max_grad_norm is not None:
+            _check_positive("max_grad_norm", max_grad_norm)
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+        self.save_hyperparameters(ignore=["loss", "evaluation"])
+        self.hparams["evaluation"] = asdict(evaluation)  # plain values: weights_only loading
+        self.evaluator = Evaluator(evaluation)
+        self.rollout_engine: RolloutEngine | None = None
+        self.loss_fn = loss
+        self.model_name_or_path = model_name_or_path
+        self._model_path = resolve_model(model_name_or_path, check_only=True)
+        self.automatic_optimization = False
+        self.temperature = 1.0
+        self.policy: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None
+        self._tokenizer: Any = None
+
+    # ----------------------------------------------------------------------------------- models
+    @property
+    def model_path(self) -> str:
+        """Local folder (or hub id) of the initial policy; built-in models are materialised here."""
+        if self._model_path is None or self._model_path.startswith("builtin:"):
+            self._model_path = resolve_model(self.model_name_or_path)
+        return self._model_path
+
+    @property
+    def tokenizer(self) -> Any:
+        """The policy's tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            if self._tokenizer.pad_token_id is None:
+                self._tokenizer.pad_token = self._tokenizer.eos_token
+        return self._tokenizer
+
+    def configure_model(self) -> None:
+        """Load the policy (and the reference model when ``kl_coef > 0``) once."""
+        if self.policy is not None:
+            return
+        self.policy = self._load_model().train()  # from_pretrained returns eval mode
+        if self.hparams.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        self.policy.config.use_cache = False
+        if self.hparams.kl_coef > 0:
+            self.reference = self._load_model().eval().requires_grad_(False)
+
+    def _load_model(self) -> torch.nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        kwargs: dict[str, Any] = {"dtype": DTYPES[self.hparams.dtype]}
+        if self.hparams.attn_implementation:
+            kwargs["attn_implementation"] = self.hparams.attn_implementation
+        return AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
+
+    def named_weights_for_engine(self) -> Iterator[tuple[str, Tensor]]:
+        """The policy's full weights by Hugging Face name, one tensor at a time, for the engine."""
+        assert self.policy is not None, "configure_model() has not run"
+        for name, tensor in self.policy.state_dict().items():
+            yield name, tensor.detach()
+
+    # -------------------------------------------------------------------------------- log-probs
+    def _logprobs(self, model: torch.nn.Module, batch: dict[str, Tensor], with_entropy: bool,
+                  temperature: float | None = None) -> tuple[Tensor, Tensor]:
+        temperature = self.temperature if temperature is None else temperature
+        return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                 batch["response_mask"], temperature=temperature,
+                                 chunk_size=self.hparams.logprob_chunk_size,
+                                 with_entropy=with_entropy)
+
+    @torch.no_grad()
+    def score_samples(self, samples: list[RolloutSample], reference: bool = False,
+                      temperature: float | None = None) -> list[Tensor]:
+        """Log-probs of each sample's response tokens under the policy (or the reference model).
+
+        ``temperature`` defaults to the sampling temperature (:attr:`temperature`). Runs in eval
+        mode in micro-batches sorted by length; returns one float32 CPU tensor per sample, in the
+        input order.
+        """
+        model = self.reference if reference else self.policy
+        assert model is not None, "the model is not loaded (configure_model) or kl_coef is 0"
+        was_training = model.training
+        model.eval()
+        pad = self.tokenizer.pad_token_id or 0
+        order = sorted(range(len(samples)), key=lambda i: -len(samples[i].response_ids)
+                       - len(samples[i].prompt_ids))
+        out: list[Tensor] = [torch.empty(0)] * len(samples)
+        for start in range(0, len(order), self.hparams.micro_batch_size):
+            rows = order[start:start + self.hparams.micro_batch_size]
+            batch = self._to_device(collate_samples([samples[i] for i in rows], pad))
+            logp, _ = self._logprobs(model, batch, with_entropy=False, temperature=temperature)
+            for row, index in enumerate(rows):
+                out[index] = logp[row][batch["response_mask"][row]].float().cpu()
+        model.train(was_training)
+        return out
+
+    def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {key: value.to(self.device) for key, value in batch.items()}
+
+    # -------------------------------------------------------------------------------- training
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
+        """One optimiser step on one mini-batch; returns the loss and per-token diagnostics.
+
+        The returned dict (available to callbacks in ``on_train_batch_end`` as ``outputs``) holds
+        ``loss`` and detached ``(B, L−1)`` tensors ``ratio``, ``advantages``, ``mask``,
+        ``old_logp``, ``logp`` and ``prob_weight`` (``None`` for a loss that does not state it).
+        """
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        mask = batch["response_mask"]
+        local_tokens = mask.sum().float()
+        num_tokens = self.trainer.strategy.reduce(local_tokens.clone(), reduce_op="sum")
+        # DDP/FSDP average gradients over ranks; the loss is already normalised globally.
+        scale = float(self.trainer.world_size)
+        diagnostics = {key: torch.zeros_like(mask, dtype=torch.float32)
+                       for key in ("ratio", "logp", "prob_weight", "entropy")}
+        total_loss = torch.zeros((), device=self.device)
+        for rows, micro in self._micro_batches(batch):
+            logp, entropy = self._logprobs(self.policy, micro, with_entropy=True)
+            micro_mask = micro["response_mask"]
+            out = self.loss_fn(logp, micro["old_logp"], micro["advantages"], micro_mask,
+                               num_tokens=num_tokens, num_sequences=mask.shape[0])
+            loss = out.loss
+            token_count = micro_mask.sum().clamp(min=1)
+            if self.hparams.entropy_coef > 0:
+                loss = loss - self.hparams.entropy_coef * (entropy * micro_mask).sum() / num_tokens
+            if self.hparams.kl_coef > 0:
+                kl = _k3_kl(logp, micro["ref_logp"]) * micro_mask
+                loss = loss + self.hparams.kl_coef * kl.sum() / num_tokens
+                self.log("train/kl", kl.sum() / token_count, on_epoch=True, on_step=False,
+                         batch_size=int(token_count))
+            self.manual_backward(loss * scale)
+            total_loss += out.loss.detach()
+            self._log_micro(out.metrics, entropy, micro_mask, int(token_count))
+            width = logp.shape[1]
+            for key, value in (("ratio", out.ratio), ("logp", logp), ("entropy", entropy),
+                               ("prob_weight", out.prob_weight)):
+                if value is not None:
+                    diagnostics[key][rows, :width] = value.detach().float() * micro_mask
+        grad_norm = self._clip_gradients()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        self.log("train/loss", total_loss, on_epoch=True, on_step=True, prog_bar=True,
+                 batch_size=mask.shape[0])
+        self.log("train/grad_norm", grad_norm, on_epoch=True, on_step=False)
+        self.log("train/lr", scheduler.get_last_lr()[0], on_epoch=True, on_step=False)
+        return {
+            "loss": total_loss,
+            "mask": mask,
+            "advantages": batch["advantages"][:, None].expand_as(mask) * mask,
+            "old_logp": batch["old_logp"],
+            "ratio": diagnostics["ratio"],
+            "logp": diagnostics["logp"],
+            "entropy": diagnostics["entropy"],
+            "prob_weight": diagnostics["prob_weight"] if self.loss_fn.states_prob_weight else None,
+        }
+
+    def _micro_batches(self, batch: dict[str, Tensor]) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+        """Split a mini-batch into length-sorted micro-batches trimmed to their longest row."""
+        lengths = batch["attention_mask"].sum(-1)
+        order = torch.argsort(lengths, descending=True)
+        size = self.hparams.micro_batch_size
+        for start in range(0, order.numel(), size):
+            rows = order[start:start + size]
+            width = int(lengths[rows].max())
+            micro = {key: (value[rows] if value.dim() == 1 else value[rows, :width])
+                     for key, value in batch.items() if key != "response_mask"}
+            micro["response_mask"] = batch["response_mask"][rows, :max(width - 1, 0)]
+            for key in ("old_logp", "ref_logp"):
+                micro[key] = batch[key][rows, :max(width - 1, 0)]
+            yield rows, micro
+
+    def _log_micro(self, metrics: dict[str, Tensor], entropy: Tensor, mask: Tensor,
+                   tokens: int) -> None:
+        for name, value in metrics.items():
+            reduce = "max" if name.endswith("/max") else "min" if name.endswith("/min") else "mean"
+            self.log(f"train/{name}", value, on_epoch=True, on_step=False, reduce_fx=reduce,
+                     batch_size=tokens)
+        self.log("train/entropy", (entropy * mask).sum() / max(tokens, 1), on_epoch=True,
+                 on_step=False, batch_size=tokens)
+
+    def _clip_gradients(self) -> Tensor:
+        assert self.policy is not None
+        max_norm = self.hparams.max_grad_norm
+        limit = math.inf if max_norm is None else max_norm
+        model = self.trainer.model
+        if hasattr(model, "clip_grad_norm_"):  # FSDP (1) wrapper: norm over all shards
+            return model.clip_grad_norm_(limit)
+        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), limit)
+
+    # ------------------------------------------------------------------------------ optimisers
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with linear warm-up and a constant or cosine schedule."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, betas=self.hparams.betas,
+                                      weight_decay=self.hparams.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup, schedule, floor = (self.hparams.warmup_steps, self.hparams.lr_schedule,
+                                   self.hparams.min_lr_ratio)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            if schedule == "constant":
+                return 1.0
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
+                                                         "interval": "step"}}
+
+    # ------------------------------------------------------------------------------ evaluation
+    def on_validation_epoch_start(self) -> None:
+        """Reset the benchmark metrics and push the policy's weights into the engine."""
+        self.evaluator.start(self, self.trainer.val_dataloaders)
+
+    def validation_step(self, batch: BenchmarkBatch, batch_idx: int,
+                        dataloader_idx: int = 0) -> None:
+        """Sample ``evaluation.k`` answers per problem of one benchmark batch and score them."""
+        self.evaluator.step(batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val/<benchmark>/<metric>``; after ``validate``, write the results table."""
+        self.evaluator.end(self, "val")
+
+    def on_test_epoch_start(self) -> None:
+        """Reset the benchmark metrics and push the policy's weights into the engine."""
+        self.evaluator.start(self, self.trainer.test_dataloaders)
+
+    def test_step(self, batch: BenchmarkBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Sample ``evaluation.k`` answers per problem of one benchmark batch and score them."""
+        self.evaluator.step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test/<benchmark>/<metric>`` and write ``results.json``/``results.md``."""
+        self.evaluator.end(self, "test")
+
+    def teardown(self, stage: str) -> None:
+        """Stop the evaluation reward's worker processes."""
+        self.evaluator.close()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the RNG states; leave the frozen reference model out (it reloads from its path)."""
+        state = checkpoint.get("state_dict", {})
+        for key in [key for key in state if key.startswith("reference.")]:
+            del state[key]
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the RNG states, and put the reference model's weights back for strict loading."""
+        if "rng_states" in checkpoint:
+            restore_rng_states(checkpoint["rng_states"])
+        if self.reference is not None:
+            state = checkpoint.setdefault("state_dict", {})
+            for key, value in self.reference.state_dict().items():
+                state.setdefault(f"reference.{key}", value)
+
+
+def _k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Schulman's k3 estimator of KL(π‖π_ref) per token: exp(ref − logp) − (ref − logp) − 1."""
+    delta = torch.clamp(ref_logp - logp, -20.0, 20.0)
+    return torch.exp(delta) - delta - 1.0
+
+
+def _check_positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")

@@ -1,0 +1,160 @@
+"""The rollout buffer: one epoch's generated sequences, served as shuffled mini-batches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+@dataclass
+class RolloutSample:
+    """One generated response and what training needs of it.
+
+    Attributes:
+        prompt_ids: the prompt's token ids.
+        response_ids: the generated token ids (including the end-of-sequence token if sampled).
+        advantage: the response's advantage (broadcast to its tokens).
+        reward: the response's reward (for diagnostics).
+        group: index of its prompt within the rollout batch.
+        old_logp: behaviour log-probs of ``response_ids`` (filled before training).
+        ref_logp: reference-model log-probs of ``response_ids`` (when a KL penalty is on).
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    advantage: float
+    reward: float = 0.0
+    group: int = 0
+    old_logp: Tensor | None = None
+    ref_logp: Tensor | None = None
+
+
+def collate_samples(samples: Sequence[RolloutSample], pad_token_id: int = 0) -> dict[str, Tensor]:
+    """Right-pad samples into a training batch.
+
+    Returns a dict with ``input_ids`` and ``attention_mask`` ``(B, L)``, ``response_mask``,
+    ``old_logp`` and ``ref_logp`` ``(B, L−1)`` aligned with the targets ``input_ids[:, 1:]``,
+    and ``advantages`` ``(B,)``. Missing log-probs are zeros.
+    """
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    batch, length = len(samples), max(lengths, default=1)
+    input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, length), dtype=torch.long)
+    response_mask = torch.zeros((batch, max(length - 1, 0)), dtype=torch.bool)
+    old_logp = torch.zeros((batch, max(length - 1, 0)), dtype=torch.float32)
+    ref_logp = torch.zeros_like(old_logp)
+    for row, sample in enumerate(samples):
+        prompt, response = len(sample.prompt_ids), len(sample.response_ids)
+        input_ids[row, :prompt + response] = torch.tensor(sample.prompt_ids + sample.response_ids)
+        attention_mask[row, :prompt + response] = 1
+        targets = slice(prompt - 1, prompt - 1 + response)
+        response_mask[row, targets] = True
+        if sample.old_logp is not None:
+            old_logp[row, targets] = sample.old_logp
+        if sample.ref_logp is not None:
+            ref_logp[row, targets] = sample.ref_logp
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "response_mask": response_mask,
+        "old_logp": old_logp,
+        "ref_logp": ref_logp,
+        "advantages": torch.tensor([s.advantage for s in samples], dtype=torch.float32),
+    }
+
+
+class MiniBatchSampler(Sampler[list[int]]):
+    """Yields ``passes`` shuffled passes over the buffer in mini-batches of fixed size.
+
+    The order depends only on ``(seed, buffer.epoch, pass)``, so a resumed run sees the same
+    mini-batches as an uninterrupted one.
+    """
+
+    def __init__(self, buffer: RolloutBuffer) -> None:
+        self.buffer = buffer
+
+    def __len__(self) -> int:
+        return self.buffer.steps_per_epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        size = self.buffer.mini_batch_size
+        count = len(self.buffer)
+        for ppo_pass in range(self.buffer.ppo_epochs):
+            seed = (self.buffer.seed * 1_000_003 + self.buffer.epoch) * 1_009 + ppo_pass
+            generator = torch.Generator().manual_seed(seed % (2**63))
+            order = torch.randperm(count, generator=generator).tolist()
+            for start in range(0, count - size + 1, size):
+                yield order[start:start + size]
+
+
+class RolloutBuffer(Dataset):
+    """Holds the current rollout's samples and serves them as the epoch's training batches.
+
+    The rollout callback calls :meth:`configure` once (sizes) and :meth:`fill` at the start of
+    every epoch; the data module's ``train_dataloader`` returns :meth:`dataloader`. Its length is
+    fixed by the configuration, so Lightning knows the number of steps per epoch up front.
+    """
+
+    def __init__(self) -> None:
+        self.samples: list[RolloutSample] = []
+        self.num_sequences = 0
+        self.mini_batch_size = 1
+        self.ppo_epochs = 1
+        self.pad_token_id = 0
+        self.seed = 0
+        self.epoch = 0
+
+    def configure(self, num_sequences: int, mini_batch_size: int, ppo_epochs: int = 1,
+                  pad_token_id: int = 0, seed: int = 0) -> None:
+        """Set the sizes: ``num_sequences`` per rollout, split in mini-batches, ``ppo_epochs`` passes.
+
+        Raises:
+            ValueError: when ``mini_batch_size`` does not divide ``num_sequences``, or a size is < 1.
+        """
+        for name, value in (("num_sequences", num_sequences), ("mini_batch_size", mini_batch_size),
+                            ("ppo_epochs", ppo_epochs)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if num_sequences % mini_batch_size:
+            raise ValueError(
+                f"mini_batch_size={mini_batch_size} must divide the rollout batch of "
+                f"{num_sequences} sequences (prompts × n)")
+        self.num_sequences = num_sequences
+        self.mini_batch_size = mini_batch_size
+        self.ppo_epochs = ppo_epochs
+        self.pad_token_id = pad_token_id
+        self.seed = seed
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch (= per rollout)."""
+        return self.ppo_epochs * (self.num_sequences // self.mini_batch_size)
+
+    def fill(self, samples: list[RolloutSample], epoch: int) -> None:
+        """Replace the contents with one rollout's samples.
+
+        Raises:
+            ValueError: when the number of samples differs from the configured ``num_sequences``.
+        """
+        if len(samples) != self.num_sequences:
+            raise ValueError(f"expected {self.num_sequences} samples, got {len(samples)}")
+        self.samples = samples
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def __getitem__(self, index: int) -> RolloutSample:
+        return self.samples[index]
+
+    def collate(self, samples: Sequence[RolloutSample]) -> dict[str, Tensor]:
+        """Right-pad a list of samples (see :func:`collate_samples`)."""
+        return collate_samples(samples, self.pad_token_id)
+
+    def dataloader(self) -> DataLoader:
+        """The epoch's training batches: ``steps_per_epoch`` mini-batches."""
+        return DataLoader(self, batch_sampler=MiniBatchSampler(self), collate_fn=self.collate)

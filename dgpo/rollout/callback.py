@@ -1,0 +1,265 @@
+"""The rollout callback: one RL iteration's generation, scoring and bookkeeping per epoch."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from dgpo.advantages import ESTIMATORS, compute_advantages, group_stats
+from dgpo.data import PromptSample
+from dgpo.rewards import MathVerifyReward, RewardFunction
+from dgpo.rollout.buffer import RolloutSample
+from dgpo.rollout.engine import Completion, RolloutEngine, SamplingConfig
+
+
+@dataclass
+class RolloutRecord:
+    """The last rollout, for callbacks that report on it (e.g. the completions table).
+
+    Attributes:
+        epoch: the epoch it was generated for.
+        prompts: the rollout's prompts.
+        completions: ``n`` completions per prompt, prompt-major.
+        rewards: one reward per completion.
+        advantages: one advantage per completion.
+        details: the reward's per-completion details (``parsed_answer``, ``status``), if any.
+    """
+
+    epoch: int
+    prompts: list[PromptSample]
+    completions: list[Completion]
+    rewards: list[float]
+    advantages: list[float]
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+
+#: Advantage estimators that divide by the group's spread and so need n ≥ 2 to carry any signal.
+GROUP_NORMALISED = ("grpo", "dr_grpo", "rloo")
+
+
+class RolloutCallback(Callback):
+    """Generates, scores and buffers one rollout batch at the start of every training epoch.
+
+    Each epoch: push the policy's weights into the engine and check they arrived (the engine's
+    log-probs of a few sequences must match the policy's), draw ``rollout_batch_size`` prompts
+    from the data module, sample ``n`` responses each, score them with ``reward``, compute group
+    advantages and the behaviour (and reference) log-probs, and fill the data module's buffer,
+    which the epoch then trains on in ``ppo_epochs`` passes of ``mini_batch_size`` sequences.
+
+    Args:
+        engine: the rollout engine (``VLLMEngine`` or ``TransformersEngine``); its model defaults
+            to the policy's.
+        reward: reward function(s); defaults to ``MathVerifyReward()``.
+        n: samples per prompt (the group size).
+        rollout_batch_size: prompts per rollout.
+        mini_batch_size: sequences per optimiser step; must divide ``rollout_batch_size · n``.
+        ppo_epochs: passes over the rollout buffer per epoch.
+        temperature: sampling temperature (the training log-probs use the same).
+        top_p: nucleus sampling threshold.
+        max_new_tokens: maximum response length.
+        advantage: ``"grpo"`` (group mean/std), ``"dr_grpo"`` (no std) or ``"rloo"``.
+        seed: base seed of sampling (epoch ``e`` samples with ``seed + e``).
+        sync_tolerance: largest mean absolute difference (nats) allowed between the engine's and
+            the policy's log-probs after a weight push; a larger one raises ``RuntimeError``.
+        sync_check_sequences: how many sequences the sync check scores.
+        behaviour_logprobs: where π_old comes from: ``"policy"`` (a forward pass of the trainer's
+            policy over the rollout: exact, r = 1 on the first mini-batch) or ``"engine"`` (the
+            log-probs the engine returned while sampling: no extra forward pass, but r carries the
+            engine/trainer mismatch; only at temperature 1, where they are the same distribution).
+
+    Raises:
+        ValueError: for sizes that cannot work (checked before any model is loaded).
+
+    Example:
+        >>> callback = RolloutCallback(TransformersEngine(), n=8, rollout_batch_size=16,
+        ...                            mini_batch_size=32, ppo_epochs=1)  # doctest: +SKIP
+    """
+
+    def __init__(self, engine: RolloutEngine, reward: RewardFunction | None = None, n: int = 8,
+                 rollout_batch_size: int = 16, mini_batch_size: int = 32, ppo_epochs: int = 1,
+                 temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
+                 advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo", seed: int = 0,
+                 sync_tolerance: float = 0.05, sync_check_sequences: int = 2,
+                 behaviour_logprobs: Literal["policy", "engine"] = "policy") -> None:
+        super().__init__()
+        for name, value in (("n", n), ("rollout_batch_size", rollout_batch_size),
+                            ("mini_batch_size", mini_batch_size), ("ppo_epochs", ppo_epochs),
+                            ("sync_check_sequences", sync_check_sequences)):
+            if isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if advantage not in ESTIMATORS:
+            raise ValueError(f"advantage must be one of {list(ESTIMATORS)}, got {advantage!r}")
+        if advantage in GROUP_NORMALISED and n < 2:
+            raise ValueError(f"n={n} samples per prompt give the group-relative advantage "
+                             f"{advantage!r} no signal (every advantage is 0); use n >= 2")
+        if (rollout_batch_size * n) % mini_batch_size:
+            raise ValueError(f"mini_batch_size={mini_batch_size} must divide the rollout batch "
+                             f"rollout_batch_size × n = {rollout_batch_size} × {n} = "
+                             f"{rollout_batch_size * n} sequences")
+        if behaviour_logprobs not in ("policy", "engine"):
+            raise ValueError(f"behaviour_logprobs must be 'policy' or 'engine', got "
+                             f"{behaviour_logprobs!r}")
+        if behaviour_logprobs == "engine" and temperature != 1.0:
+            raise ValueError(f"behaviour_logprobs='engine' needs temperature=1.0 (the engine "
+                             f"returns the raw model's log-probs), got temperature={temperature}")
+        self.behaviour_logprobs = behaviour_logprobs
+        self.engine = engine
+        self.reward = reward if reward is not None else MathVerifyReward()
+        self.n = n
+        self.rollout_batch_size = rollout_batch_size
+        self.mini_batch_size = mini_batch_size
+        self.ppo_epochs = ppo_epochs
+        self.sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p,
+                                       max_new_tokens=max_new_tokens, seed=seed)
+        self.advantage = advantage
+        self.seed = seed
+        self.sync_tolerance = sync_tolerance
+        self.sync_check_sequences = sync_check_sequences
+        self._train_started = 0.0
+        self.last_rollout: RolloutRecord | None = None
+
+    # ----------------------------------------------------------------------------------- hooks
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        pl_module.rollout_engine = self.engine  # validation and test sample with it too
+        if stage != "fit":
+            return
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "next_prompts"):
+            raise ValueError("RolloutCallback needs a data module with next_prompts() and a "
+                             "buffer, such as dgpo.data.RLVRDataModule")
+        pl_module.temperature = self.sampling.temperature
+        datamodule.buffer.configure(self.rollout_batch_size * self.n, self.mini_batch_size,
+                                    self.ppo_epochs, pad_token_id=pl_module.tokenizer.pad_token_id,
+                                    seed=self.seed)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._rollout(trainer, pl_module)
+        self._train_started = time.perf_counter()
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.log("time/train_seconds", time.perf_counter() - self._train_started)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.engine.close()
+        close = getattr(self.reward, "close", None)
+        if callable(close):
+            close()
+
+    # -------------------------------------------------------------------------------- rollout
+    def _rollout(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        epoch = trainer.current_epoch
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        self.engine.attach(pl_module.policy, pl_module.model_path)
+        self.engine.wake_up()
+        self.engine.load_weights(pl_module.named_weights_for_engine())
+        timings["weight_sync"] = time.perf_counter() - start
+
+        prompts = trainer.datamodule.next_prompts(self.rollout_batch_size)
+        sampling = SamplingConfig(**{**vars(self.sampling), "seed": self.seed + epoch})
+        start = time.perf_counter()
+        completions = self.engine.generate([p.prompt_ids for p in prompts], sampling)
+        timings["generation"] = time.perf_counter() - start
+        self.engine.sleep()
+
+        start = time.perf_counter()
+        answers = [prompts[c.prompt_index].answer for c in completions]
+        columns = _columns([prompts[c.prompt_index].columns for c in completions])
+        rewards = torch.tensor(self.reward([c.text for c in completions], answers, **columns),
+                               dtype=torch.float32)
+        timings["scoring"] = time.perf_counter() - start
+
+        advantages = compute_advantages(rewards.view(len(prompts), self.n), self.advantage)
+        samples = [RolloutSample(prompt_ids=prompts[c.prompt_index].prompt_ids,
+                                 response_ids=list(c.token_ids), advantage=float(a),
+                                 reward=float(r), group=c.prompt_index)
+                   for c, a, r in zip(completions, advantages.flatten(), rewards)]
+        start = time.perf_counter()
+        if self.behaviour_logprobs == "engine":
+            behaviour = [torch.tensor(c.logprobs, dtype=torch.float32) for c in completions]
+        else:
+            behaviour = pl_module.score_samples(samples)
+        for sample, logp in zip(samples, behaviour):
+            sample.old_logp = logp
+        if pl_module.reference is not None:
+            for sample, logp in zip(samples, pl_module.score_samples(samples, reference=True)):
+                sample.ref_logp = logp
+        timings["logprobs"] = time.perf_counter() - start
+        start = time.perf_counter()
+        sync = self._check_sync(pl_module, samples)
+        timings["sync_check"] = time.perf_counter() - start
+        trainer.datamodule.buffer.fill(samples, epoch)
+        details = getattr(self.reward, "details", list)()
+        self.last_rollout = RolloutRecord(epoch, prompts, completions, rewards.tolist(),
+                                          advantages.flatten().tolist(),
+                                          details if len(details) == len(completions) else [])
+        self._log(pl_module, completions, rewards, timings, sync)
+
+    def _check_sync(self, pl_module: LightningModule, samples: list[RolloutSample]) -> dict:
+        """Compare the engine's and the policy's log-probs on a few sampled sequences."""
+        picked = samples[:self.sync_check_sequences]
+        engine_logp = self.engine.score([s.prompt_ids + s.response_ids for s in picked])
+        policy_logp = pl_module.score_samples(picked, temperature=1.0)
+        diffs = []
+        for sample, engine_row, policy_row in zip(picked, engine_logp, policy_logp):
+            response = torch.tensor(engine_row[len(sample.prompt_ids) - 1:], dtype=torch.float32)
+            diffs.append((response - policy_row).abs())
+        diff = torch.cat(diffs) if diffs else torch.zeros(1)
+        result = {"max": float(diff.max()), "mean": float(diff.mean())}
+        if result["mean"] > self.sync_tolerance:
+            raise RuntimeError(
+                f"rollout engine and policy disagree after the weight push: mean |Δ log p| = "
+                f"{result['mean']:.4g} > sync_tolerance={self.sync_tolerance} (max "
+                f"{result['max']:.4g}); the engine's weights were probably not updated")
+        return result
+
+    def _log(self, pl_module: LightningModule, completions: list[Completion], rewards: torch.Tensor,
+             timings: dict[str, float], sync: dict[str, float]) -> None:
+        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+        truncated = torch.tensor([c.finish_reason == "length" for c in completions],
+                                 dtype=torch.float32)
+        details = getattr(self.reward, "metrics", dict)()
+        correct = _correctness(self.reward, rewards).view(-1, self.n)
+        metrics = {
+            "rollout/reward_mean": rewards.mean(),
+            "rollout/reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
+            "rollout/response_length_mean": lengths.mean(),
+            "rollout/response_length_max": lengths.max(),
+            "rollout/truncated_fraction": truncated.mean(),
+            "rollout/sync_logp_diff_max": torch.tensor(sync["max"]),
+            "rollout/sync_logp_diff_mean": torch.tensor(sync["mean"]),
+            "rollout/tokens_per_second": lengths.sum() / max(timings["generation"], 1e-9),
+        }
+        metrics.update({f"rollout/{k}": torch.tensor(float(v))
+                        for k, v in group_stats(correct).items()})
+        metrics.update({f"rollout/reward/{k}": torch.tensor(float(v)) for k, v in details.items()})
+        metrics.update({f"time/{k}_seconds": torch.tensor(v) for k, v in timings.items()})
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_epoch=True, on_step=False,
+                          prog_bar=name == "rollout/reward_mean")
+        rank_zero_info(f"epoch {pl_module.current_epoch}: reward {float(rewards.mean()):.3f}, "
+                       f"length {float(lengths.mean()):.1f}, generation "
+                       f"{timings['generation']:.1f}s")
+
+
+def _correctness(reward: Any, rewards: torch.Tensor) -> torch.Tensor:
+    """Per-sample correctness: the reward's own ``details()`` statuses, else ``reward > 0``."""
+    statuses = [d.get("status") for d in getattr(reward, "details", list)()]
+    if len(statuses) == rewards.numel():
+        return torch.tensor([status == "correct" for status in statuses])
+    return rewards > 0
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    keys = set().union(*(row.keys() for row in rows)) if rows else set()
+    return {key: [row.get(key) for row in rows] for key in sorted(keys)}

@@ -1,0 +1,195 @@
+"""``python -m dgpo fit`` end to end on a tiny random model, with each rollout engine."""
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from dgpo.cli import main
+from tests.conftest import requires_vllm
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+
+EXPECTED_METRICS = [
+    "rollout/reward_mean", "rollout/reward_std", "rollout/solve_all", "rollout/solve_none",
+    "rollout/response_length_mean", "rollout/response_length_max", "rollout/truncated_fraction",
+    "rollout/sync_logp_diff_max", "rollout/tokens_per_second", "train/entropy",
+    "train/region/IN", "train/region/LN", "train/region/LP", "train/region/HN", "train/region/HP",
+    "train/ratio/mean", "train/grad_weight/mean", "train/grad_norm", "train/lr",
+    "time/generation_seconds", "time/scoring_seconds", "time/train_seconds",
+]
+
+
+def tiny_config(tmp_path: Path, model_path: str, engine: str = "transformers", **changes) -> Path:
+    config = copy.deepcopy(TINY)
+    config["trainer"]["default_root_dir"] = str(tmp_path)
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    config["model"]["model_name_or_path"] = model_path
+    rollout = config["trainer"]["callbacks"][0]["init_args"]
+    rollout["reward"] = {"class_path": "tests.plugins.DigitFractionReward"}
+    rollout["mini_batch_size"] = 4  # several optimiser steps per rollout
+    if engine == "vllm":
+        rollout["engine"] = {"class_path": "dgpo.rollout.VLLMEngine",
+                             "init_args": {"dtype": "float32", "kv_cache_space_gib": 0.25,
+                                           "max_model_len": 256}}
+    for dotted, value in changes.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[leaf] = value
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_dir(tmp_path: Path) -> Path:
+    (metrics,) = tmp_path.glob("tiny/version_*/metrics.csv")
+    return metrics.parent
+
+
+def epoch_metrics(tmp_path: Path) -> pd.DataFrame:
+    frame = pd.read_csv(run_dir(tmp_path) / "metrics.csv")
+    return frame.groupby("epoch").mean()
+
+
+def initial_weights(model_path: str) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path).state_dict()
+
+
+@pytest.mark.parametrize("engine", ["transformers", pytest.param("vllm", marks=requires_vllm)])
+def test_cli_fit_two_epochs_trains_logs_and_checkpoints(tmp_path, tiny_model_path, engine):
+    config = tiny_config(tmp_path, tiny_model_path, engine)
+    cli = main(["fit", "--config", str(config)])
+
+    before = initial_weights(tiny_model_path)
+    after = cli.model.policy.state_dict()
+    changed = [name for name in before if not torch.equal(before[name], after[name])]
+    assert changed, "no parameter changed after two epochs"
+
+    metrics = epoch_metrics(tmp_path)
+    assert list(metrics.index) == [0, 1]
+    missing = [name for name in EXPECTED_METRICS if name not in metrics.columns]
+    assert not missing, f"missing metrics: {missing}"
+    for name in EXPECTED_METRICS:
+        assert metrics[name].map(math.isfinite).all(), name
+    assert (metrics["rollout/sync_logp_diff_max"] < 1e-3).all()
+    assert metrics["train/ratio/max"].max() > 1.0, "several steps per rollout move the ratio"
+
+    directory = run_dir(tmp_path)
+    assert (directory / "checkpoints" / "last.ckpt").is_file()
+    assert (directory / "config.yaml").is_file()
+    checkpoint = torch.load(directory / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["epoch"] == 1 and "RLVRDataModule" in checkpoint
+
+
+def test_cli_trains_a_user_loss_from_class_path(tmp_path, tiny_model_path):
+    config = tiny_config(tmp_path, tiny_model_path, **{"trainer.max_epochs": 1})
+    cli = main(["fit", "--config", str(config),
+                "--model.loss", json.dumps({"class_path": "tests.plugins.SignedLogProbLoss",
+                                            "init_args": {"scale": 2.0}})])
+    assert type(cli.model.loss_fn).__name__ == "SignedLogProbLoss"
+    assert cli.model.loss_fn.scale == 2.0
+    metrics = epoch_metrics(tmp_path)
+    assert "train/grad_weight/mean" not in metrics.columns  # the loss states no weight
+    assert metrics["train/grad_norm"].iloc[0] > 0
+
+
+@pytest.mark.parametrize("name", ["gppo", "grpo", "cispo"])
+def test_cli_loss_config_files_combine_with_a_run_config(tmp_path, tiny_model_path, name):
+    config = tiny_config(tmp_path, tiny_model_path, **{"trainer.max_epochs": 1})
+    cli = main(["fit", "--config", str(config), "--config",
+                str(REPO / "configs" / "losses" / f"{name}.yaml"), "--trainer.max_epochs", "1"])
+    assert type(cli.model.loss_fn).__name__.lower().startswith(name)
+
+
+def test_cli_loss_by_builtin_name(tmp_path, tiny_model_path):
+    config = tiny_config(tmp_path, tiny_model_path)
+    cli = main(["--config", str(config), "--model.loss", "aspo"], run=False)
+    assert type(cli.model.loss_fn).__name__ == "ASPOLoss"
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if any model weights are loaded."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the configuration error was raised")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def test_cli_missing_data_file_fails_before_loading(tmp_path, tiny_model_path, no_model_loading):
+    config = tiny_config(tmp_path, tiny_model_path)
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        main(["fit", "--config", str(config), "--data.synthetic", "null",
+              "--data.train_file", str(tmp_path / "nope.jsonl")])
+
+
+def test_cli_empty_data_file_fails_before_loading(tmp_path, tiny_model_path, no_model_loading):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    config = tiny_config(tmp_path, tiny_model_path)
+    with pytest.raises(ValueError, match="empty"):
+        main(["fit", "--config", str(config), "--data.synthetic", "null",
+              "--data.train_file", str(empty)])
+
+
+def test_cli_unknown_field_fails_before_loading(tmp_path, tiny_model_path, no_model_loading):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"question": "1+1", "answer": "2"}) + "\n")
+    config = tiny_config(tmp_path, tiny_model_path)
+    with pytest.raises(ValueError, match="problem"):
+        main(["fit", "--config", str(config), "--data.synthetic", "null",
+              "--data.train_file", str(data)])
+
+
+def test_cli_unknown_loss_name_fails_before_loading(tmp_path, tiny_model_path, no_model_loading):
+    config = tiny_config(tmp_path, tiny_model_path)
+    with pytest.raises(ValueError, match="unknown loss 'ppo'; known losses: pg, grpo"):
+        main(["fit", "--config", str(config), "--model.loss", "ppo"])
+
+
+def test_cli_indivisible_mini_batch_fails_before_loading(tmp_path, tiny_model_path,
+                                                         no_model_loading):
+    config = tiny_config(tmp_path, tiny_model_path,
+                         **{"trainer.callbacks.0.init_args.mini_batch_size": 5})
+    with pytest.raises(ValueError, match="mini_batch_size=5 must divide the rollout batch"):
+        main(["fit", "--config", str(config)])
+
+
+def test_cli_missing_model_path_fails_before_loading(tmp_path, no_model_loading):
+    config = tiny_config(tmp_path, str(tmp_path / "no-such-model"))
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        main(["fit", "--config", str(config)])
+
+
+def test_cli_single_sample_groups_fail_before_loading(tmp_path, tiny_model_path,
+                                                      no_model_loading):
+    config = tiny_config(tmp_path, tiny_model_path, **{"trainer.callbacks.0.init_args.n": 1,
+                                                      "trainer.callbacks.0.init_args."
+                                                      "mini_batch_size": 4})
+    with pytest.raises(ValueError, match="n=1 samples per prompt"):
+        main(["fit", "--config", str(config)])
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")))
+def test_cli_every_shipped_config_parses(path, capsys):
+    if path.parent.name == "losses":
+        args = ["fit", "--config", str(REPO / "configs" / "tiny.yaml"), "--config", str(path)]
+    else:
+        args = ["fit", "--config", str(path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--print_config"])
+    assert exit_info.value.code == 0
+    assert "model_name_or_path" in capsys.readouterr().out
