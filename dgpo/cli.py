@@ -29,7 +29,9 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DG
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
-        trainer_defaults={"plugins": [{"class_path": "dgpo.checkpoint.AtomicCheckpointIO"}]},
+        trainer_defaults={"plugins": [{"class_path": "dgpo.checkpoint.AtomicCheckpointIO"}],
+                          # the rollout buffer shards each mini-batch over the ranks itself
+                          "use_distributed_sampler": False},
         args=args,
         run=run,
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -121,8 +122,8 @@ class _ProblemMean(Metric):
     total: Tensor
     problems: Tensor
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("problems", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
@@ -169,6 +170,7 @@ class PassAtK(_ProblemMean):
 
     Args:
         k: Samples the metric is about (>= 1); every update needs ``n >= k`` samples per problem.
+        **kwargs: Passed to :class:`torchmetrics.Metric` (``sync_on_compute``, ...).
 
     Raises:
         ValueError: If ``k < 1``, or an update has fewer than ``k`` samples per problem.
@@ -179,8 +181,8 @@ class PassAtK(_ProblemMean):
 
     """
 
-    def __init__(self, k: int) -> None:
-        super().__init__()
+    def __init__(self, k: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         self.k = k
@@ -230,9 +232,10 @@ class MajAtK(_ProblemMean):
             raise ValueError(f"answers must have the shape of correct {tuple(correct.shape)}, "
                              f"got {tuple(answers.shape)}")
         answers = answers.to(correct.device).long()
-        if answers.numel() and not -1 <= int(answers.min()) <= int(answers.max()) < answers.shape[1]:
+        low, high = (int(answers.min()), int(answers.max())) if answers.numel() else (0, 0)
+        if low < -1 or high >= answers.shape[1]:
             raise ValueError(f"answer ids must be in [-1, {answers.shape[1]}), got values from "
-                             f"{int(answers.min())} to {int(answers.max())}; see answer_ids()")
+                             f"{low} to {high}; see answer_ids()")
         valid = answers >= 0
         slots = answers.clamp(min=0)  # (P, k): vote slot of each sample
         votes = torch.zeros_like(answers).scatter_add_(1, slots, valid.long())  # (P, k)

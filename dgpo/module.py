@@ -10,8 +10,10 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
+from torch.distributed.fsdp.wrap import wrap
 
 from dgpo.checkpoint import restore_rng_states, rng_states
+from dgpo.distributed import TokenMeans, call_in_forward, full_weights
 from dgpo.evaluation.benchmarks import BenchmarkBatch
 from dgpo.evaluation.config import EvalConfig
 from dgpo.evaluation.evaluator import Evaluator
@@ -20,6 +22,7 @@ from dgpo.losses import LOSSES, DGPOLoss, PolicyLoss, build_loss
 from dgpo.models import resolve_model
 from dgpo.rollout.buffer import RolloutSample, collate_samples
 from dgpo.rollout.engine import RolloutEngine
+from dgpo.strategies import check_module_sharding, strategy_kind
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,8 +37,11 @@ class RLVRModule(LightningModule):
 
     Public interface for callbacks: :attr:`tokenizer`, :attr:`policy`, :attr:`model_path`,
     :meth:`score_samples` (behaviour / reference log-probs), :meth:`named_weights_for_engine` and
-    :attr:`temperature` (set by the rollout callback to the sampling temperature) and
-    :attr:`rollout_engine` (set by the rollout callback; validation and test sample with it).
+    :attr:`temperature` (set by the rollout callback to the sampling temperature),
+    :attr:`rollout_engine` (set by the rollout callback; validation and test sample with it) and
+    :attr:`sharded` (whether FSDP shards the policy over ranks). Under FSDP (``FSDPStrategy``,
+    :mod:`dgpo.strategies`) and DDP each rank trains on its part of every mini-batch;
+    :meth:`score_samples` and :meth:`named_weights_for_engine` are then collectives.
 
     Validation and test (``dgpo validate|test``, or every ``check_val_every_n_epoch`` epochs of
     ``fit``) sample ``evaluation.k`` answers per benchmark problem of the data module's
@@ -83,7 +89,7 @@ class RLVRModule(LightningModule):
         super().__init__()
         evaluation = EvalConfig.build(evaluation)  # a dict when loaded from a checkpoint
         if isinstance(loss, str):
-            loss = build_loss(loss)
+            loss = _loss_from_name(loss)
         elif loss is None:
             loss = DGPOLoss()
         elif not isinstance(loss, PolicyLoss):
@@ -114,6 +120,7 @@ class RLVRModule(LightningModule):
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self._tokenizer: Any = None
+        self._token_means = TokenMeans()  # token-weighted train metrics, reduced at epoch end
 
     # ----------------------------------------------------------------------------------- models
     @property
@@ -138,12 +145,16 @@ class RLVRModule(LightningModule):
         """Load the policy (and the reference model when ``kl_coef > 0``) once."""
         if self.policy is not None:
             return
-        self.policy = self._load_model().train()  # from_pretrained returns eval mode
+        check_module_sharding(self._trainer.strategy if self._trainer is not None else None)
+        policy = self._load_model().train()  # from_pretrained returns eval mode
         if self.hparams.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
-        self.policy.config.use_cache = False
+            policy.gradient_checkpointing_enable()
+        policy.config.use_cache = False
+        # Under FSDPStrategy, `wrap` makes each model its own FSDP root unit with the strategy's
+        # settings (auto-wrap policy, mixed precision, ...); elsewhere it returns the model as is.
+        self.policy = wrap(policy)
         if self.hparams.kl_coef > 0:
-            self.reference = self._load_model().eval().requires_grad_(False)
+            self.reference = wrap(self._load_model().eval().requires_grad_(False))
 
     def _load_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
@@ -153,9 +164,21 @@ class RLVRModule(LightningModule):
             kwargs["attn_implementation"] = self.hparams.attn_implementation
         return AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the policy's parameters are sharded over ranks (FSDP1 or FSDP2)."""
+        return self._trainer is not None and strategy_kind(self.trainer.strategy) != "replicated"
+
     def named_weights_for_engine(self) -> Iterator[tuple[str, Tensor]]:
-        """The policy's full weights by Hugging Face name, one tensor at a time, for the engine."""
+        """The policy's full weights by Hugging Face name, one tensor at a time, for the engine.
+
+        Under FSDP they are gathered one shard unit (FSDP1) or parameter (FSDP2) at a time, and
+        every rank must consume the iterator (see :func:`dgpo.distributed.full_weights`).
+        """
         assert self.policy is not None, "configure_model() has not run"
+        if self.sharded:  # scale-out (issue 7)
+            yield from full_weights(self.policy)
+            return
         for name, tensor in self.policy.state_dict().items():
             yield name, tensor.detach()
 
@@ -163,10 +186,11 @@ class RLVRModule(LightningModule):
     def _logprobs(self, model: torch.nn.Module, batch: dict[str, Tensor], with_entropy: bool,
                   temperature: float | None = None) -> tuple[Tensor, Tensor]:
         temperature = self.temperature if temperature is None else temperature
-        return sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                 batch["response_mask"], temperature=temperature,
-                                 chunk_size=self.hparams.logprob_chunk_size,
-                                 with_entropy=with_entropy)
+        # FSDP: inside the model unit's forward, which gathers the parameters it holds (issue 7)
+        return call_in_forward(model, lambda inner: sequence_logprobs(
+            inner, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+            temperature=temperature, chunk_size=self.hparams.logprob_chunk_size,
+            with_entropy=with_entropy))
 
     @torch.no_grad()
     def score_samples(self, samples: list[RolloutSample], reference: bool = False,
@@ -175,7 +199,7 @@ class RLVRModule(LightningModule):
 
         ``temperature`` defaults to the sampling temperature (:attr:`temperature`). Runs in eval
         mode in micro-batches sorted by length; returns one float32 CPU tensor per sample, in the
-        input order.
+        input order. Under FSDP every rank must call it with as many samples (a collective).
         """
         model = self.reference if reference else self.policy
         assert model is not None, "the model is not loaded (configure_model) or kl_coef is 0"
@@ -227,8 +251,7 @@ class RLVRModule(LightningModule):
             if self.hparams.kl_coef > 0:
                 kl = _k3_kl(logp, micro["ref_logp"]) * micro_mask
                 loss = loss + self.hparams.kl_coef * kl.sum() / num_tokens
-                self.log("train/kl", kl.sum() / token_count, on_epoch=True, on_step=False,
-                         batch_size=int(token_count))
+                self._token_means.update("train/kl", kl.sum() / token_count, int(token_count))
             self.manual_backward(loss * scale)
             total_loss += out.loss.detach()
             self._log_micro(out.metrics, entropy, micro_mask, int(token_count))
@@ -241,10 +264,14 @@ class RLVRModule(LightningModule):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        self.log("train/loss", total_loss, on_epoch=True, on_step=True, prog_bar=True,
-                 batch_size=mask.shape[0])
-        self.log("train/grad_norm", grad_norm, on_epoch=True, on_step=False)
-        self.log("train/lr", scheduler.get_last_lr()[0], on_epoch=True, on_step=False)
+        # each rank's loss is its tokens' share of the global token-mean: the sum is the loss
+        global_loss = self.trainer.strategy.reduce(total_loss.clone(), reduce_op="sum")
+        # sync_dist below: the values are the same on every rank (no-op means, and no warnings)
+        self.log("train/loss", global_loss, on_epoch=True, on_step=True, prog_bar=True,
+                 batch_size=mask.shape[0], sync_dist=True)
+        self.log("train/grad_norm", grad_norm, on_epoch=True, on_step=False, sync_dist=True)
+        self.log("train/lr", scheduler.get_last_lr()[0], on_epoch=True, on_step=False,
+                 sync_dist=True)
         return {
             "loss": total_loss,
             "mask": mask,
@@ -275,19 +302,28 @@ class RLVRModule(LightningModule):
                    tokens: int) -> None:
         for name, value in metrics.items():
             reduce = "max" if name.endswith("/max") else "min" if name.endswith("/min") else "mean"
-            self.log(f"train/{name}", value, on_epoch=True, on_step=False, reduce_fx=reduce,
-                     batch_size=tokens)
-        self.log("train/entropy", (entropy * mask).sum() / max(tokens, 1), on_epoch=True,
-                 on_step=False, batch_size=tokens)
+            if reduce == "mean":  # token-weighted over the epoch and all ranks (issue 7)
+                self._token_means.update(f"train/{name}", value, tokens)
+            else:
+                self.log(f"train/{name}", value, on_epoch=True, on_step=False, reduce_fx=reduce,
+                         batch_size=tokens, sync_dist=True)
+        self._token_means.update("train/entropy", (entropy * mask).sum() / max(tokens, 1), tokens)
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's token-weighted train metrics, reduced over all ranks."""
+        reduce = lambda pairs: self.trainer.strategy.reduce(pairs, reduce_op="sum")  # noqa: E731
+        for name, value in self._token_means.compute(reduce).items():
+            self.log(name, value, sync_dist=True)  # the same value on every rank
 
     def _clip_gradients(self) -> Tensor:
         assert self.policy is not None
         max_norm = self.hparams.max_grad_norm
         limit = math.inf if max_norm is None else max_norm
-        model = self.trainer.model
-        if hasattr(model, "clip_grad_norm_"):  # FSDP (1) wrapper: norm over all shards
-            return model.clip_grad_norm_(limit)
-        return torch.nn.utils.clip_grad_norm_(self.policy.parameters(), limit)
+        clip = getattr(self.policy, "clip_grad_norm_", None)
+        if clip is not None:  # FSDP1 (the policy is its own root unit): norm over all shards
+            return clip(limit)
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), limit)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
 
     # ------------------------------------------------------------------------------ optimisers
     def configure_optimizers(self) -> dict[str, Any]:
@@ -362,6 +398,21 @@ def _k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Schulman's k3 estimator of KL(π‖π_ref) per token: exp(ref − logp) − (ref − logp) − 1."""
     delta = torch.clamp(ref_logp - logp, -20.0, 20.0)
     return torch.exp(delta) - delta - 1.0
+
+
+def _loss_from_name(value: str) -> PolicyLoss:
+    """A built-in loss by name, or a clear error for a class_path that is not a PolicyLoss.
+
+    jsonargparse falls back to the ``str`` branch of ``PolicyLoss | str`` when a ``class_path``
+    does not name a :class:`PolicyLoss` subclass, so that case arrives here as a string.
+    """
+    if value in LOSSES:
+        return build_loss(value)
+    if "class_path" in value or "." in value:
+        raise ValueError(
+            f"model.loss {value!r} is not a dgpo.losses.PolicyLoss: give the class_path of a "
+            f"PolicyLoss subclass (see dgpo.losses) or a built-in name: {', '.join(LOSSES)}")
+    return build_loss(value)  # raises: unknown loss, listing the known ones
 
 
 def _check_positive(name: str, value: float) -> None:

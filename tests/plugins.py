@@ -45,3 +45,51 @@ class StopAfterEpochs(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch + 1 >= self.epochs:
             trainer.should_stop = True
+
+
+class GradientDump(Callback):
+    """Saves what the first optimiser step of epoch 0 saw, on rank 0, for the scale-out tests.
+
+    The full (unsharded) gradient of every policy parameter just before the step, the global
+    loss (the sum of the ranks' shares), the rollout buffer (the whole rollout, the same on every
+    rank) and the buffer indices of the global mini-batch, so a test can recompute the step on
+    one process from the same batch.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.grads: dict | None = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.current_epoch == 0 and self.grads is None:
+            self.grads = _full_gradients(pl_module.policy)  # collective: every rank
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch != 0 or batch_idx != 0:
+            return
+        loss = trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="sum")
+        from dgpo.rollout.buffer import MiniBatchSampler
+
+        buffer = trainer.datamodule.buffer
+        indices = next(MiniBatchSampler(buffer).global_batches())
+        if trainer.is_global_zero:
+            torch.save({"grads": self.grads, "loss": float(loss), "indices": indices,
+                        "samples": buffer.samples, "world_size": trainer.world_size}, self.path)
+
+
+def _full_gradients(model: torch.nn.Module) -> dict[str, Tensor]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    from dgpo.distributed import clean_name
+
+    if isinstance(model, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(model, with_grads=True):
+            return {clean_name(name): p.grad.detach().clone()
+                    for name, p in model.named_parameters() if p.grad is not None}
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            grads[clean_name(name)] = grad.detach().clone()
+    return grads

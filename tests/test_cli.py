@@ -193,3 +193,38 @@ def test_cli_every_shipped_config_parses(path, capsys):
         main([*args, "--print_config"])
     assert exit_info.value.code == 0
     assert "model_name_or_path" in capsys.readouterr().out
+
+
+PAPER_CONFIGS = sorted((REPO / "configs" / "paper").glob("r1-distill-*.yaml"))
+LOSS_CONFIGS = sorted((REPO / "configs" / "losses").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("loss", LOSS_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("paper", PAPER_CONFIGS, ids=lambda p: p.stem)
+def test_cli_paper_config_with_every_loss_prints(paper, loss, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(paper), "--config", str(loss), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["lr"] == pytest.approx(4.63e-7)
+    assert printed["model"]["loss"]["class_path"].startswith("dgpo.losses.")
+    rollout = printed["trainer"]["callbacks"][0]["init_args"]
+    assert (rollout["n"], rollout["rollout_batch_size"], rollout["max_new_tokens"]) == (5, 1024,
+                                                                                       1024)
+    assert rollout["mini_batch_size"] == 256 * 5 and printed["model"]["kl_coef"] == 0.0
+
+
+def test_cli_unknown_config_key_is_a_clear_error(tmp_path, tiny_model_path, capsys,
+                                                 no_model_loading):
+    config = tiny_config(tmp_path, tiny_model_path)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--model.learning_rate", "1e-3"])
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_cli_loss_that_is_not_a_policy_loss_is_a_clear_error(tmp_path, tiny_model_path,
+                                                             no_model_loading):
+    config = tiny_config(tmp_path, tiny_model_path)
+    with pytest.raises(ValueError, match=r"NotALoss.*is not a dgpo.losses.PolicyLoss"):
+        main(["fit", "--config", str(config), "--model.loss",
+              json.dumps({"class_path": "tests.plugins.NotALoss"})])

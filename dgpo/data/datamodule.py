@@ -19,6 +19,7 @@ from dgpo.evaluation.benchmarks import (
     as_benchmark,
     benchmark_dataloader,
     benchmark_prompts,
+    evaluation_shard,
     load_benchmark,
 )
 
@@ -115,8 +116,8 @@ class RLVRDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         benchmarks = [as_benchmark(b) for b in benchmarks or []]
-        both, neither = None not in (train_file, synthetic), train_file is synthetic is None
-        if both or (neither and not benchmarks):
+        both = train_file is not None and synthetic is not None
+        if both or (train_file is None and synthetic is None and not benchmarks):
             raise ValueError(
                 "give exactly one of train_file and synthetic (or neither, with benchmarks, to "
                 f"only evaluate), got train_file={train_file!r} and synthetic={synthetic!r}"
@@ -205,9 +206,8 @@ class RLVRDataModule(LightningDataModule):
         Without benchmarks the data module has no ``val_dataloader``/``test_dataloader``, so
         Lightning skips validation and ``test`` reports that there is nothing to test.
         """
-        trainer = self.trainer
-        world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
-        return [benchmark_dataloader(dataset, self.hparams["eval_batch_size"], world, rank)
+        shards, shard = evaluation_shard(self.trainer)  # one share of the problems per engine
+        return [benchmark_dataloader(dataset, self.hparams["eval_batch_size"], shards, shard)
                 for dataset in self._benchmark_sets or []]
 
     @property

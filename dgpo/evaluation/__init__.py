@@ -10,6 +10,7 @@ from dgpo.evaluation.benchmarks import (
     BenchmarkDataset,
     benchmark_dataloader,
     benchmark_prompts,
+    evaluation_shard,
     load_benchmark,
 )
 from dgpo.evaluation.config import EvalConfig
@@ -22,6 +23,7 @@ __all__ = [
     "EvalConfig",
     "benchmark_dataloader",
     "benchmark_prompts",
+    "evaluation_shard",
     "load_benchmark",
     "markdown_table",
     "results_record",

@@ -63,7 +63,7 @@ class Benchmark:
     answer_field: str = "answer"
     """Field holding the gold answer (a list-valued field gives its first entry)."""
     alternatives_field: str | None = None
-    """Optional field with a list of other accepted answers (e.g. Minerva's ``answer_alternatives``)."""
+    """Optional field listing other accepted answers (e.g. Minerva's ``answer_alternatives``)."""
     limit: int | None = None
     """Keep only the first ``limit`` problems (None: all)."""
 
@@ -256,26 +256,46 @@ class BenchmarkDataset(Dataset):
         return BenchmarkBatch(self.name, prompts)
 
 
-def benchmark_dataloader(dataset: BenchmarkDataset, batch_size: int, world_size: int = 1,
-                         rank: int = 0) -> DataLoader:
+def evaluation_shard(trainer: Any) -> tuple[int, int]:
+    """Which share of the problems this rank evaluates: ``(number of shards, this shard)``.
+
+    One shard per rollout engine: the ranks that one engine spans (``tensor_parallel_size`` GPU
+    ranks of a ``VLLMEngine``, see :meth:`~dgpo.rollout.RolloutEngine.ranks_per_engine`) all get
+    the same problems, since they generate together.
+
+    Args:
+        trainer: The Lightning trainer (or None: one shard); its module's ``rollout_engine``, if
+            any, says how many ranks an engine spans.
+
+    """
+    if trainer is None or trainer.world_size == 1:
+        return 1, 0
+    engine = getattr(trainer.lightning_module, "rollout_engine", None)
+    per_engine = 1 if engine is None else engine.ranks_per_engine(trainer.world_size)
+    return trainer.world_size // per_engine, trainer.global_rank // per_engine
+
+
+def benchmark_dataloader(dataset: BenchmarkDataset, batch_size: int, shards: int = 1,
+                         shard: int = 0) -> DataLoader:
     """A data loader of ``batch_size`` problems per batch, in file order.
 
-    With several ranks, each gets every ``world_size``-th problem and no problem is repeated
-    (Lightning's default sampler would pad the last batch with repeats and bias the metrics).
+    With several shards (see :func:`evaluation_shard`), shard ``i`` gets every ``shards``-th
+    problem from the ``i``-th on and no problem is repeated (Lightning's distributed sampler
+    would pad the last batch with repeats and bias the metrics).
 
     Args:
         dataset: The benchmark's prompts.
         batch_size: Problems per batch (>= 1).
-        world_size: Number of ranks.
-        rank: This rank.
+        shards: Number of shards.
+        shard: This rank's shard.
 
     Returns:
         The data loader.
 
     """
     sampler = None
-    if world_size > 1:
-        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank,
+    if shards > 1:
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=shards, rank=shard,
                                                shuffle=False)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler,
                       collate_fn=dataset.collate)

@@ -81,7 +81,7 @@ class EvalConfig:
 
     @classmethod
     def build(cls, value: EvalConfig | Mapping[str, Any] | None) -> EvalConfig:
-        """Return ``value`` as an :class:`EvalConfig` (a dict of fields, e.g. from hparams, or None).
+        """Return ``value`` as an :class:`EvalConfig`; accepts a dict of fields (hparams) or None.
 
         Raises:
             ValueError: On an unknown field.

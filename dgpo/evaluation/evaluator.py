@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -18,6 +18,9 @@ from dgpo.evaluation.results import MEAN, results_record, write_results
 from dgpo.metrics import AvgAtK, MajAtK, PassAtK, answer_ids
 from dgpo.rewards import MathVerifyReward
 from dgpo.rollout.engine import Completion, RolloutEngine, SamplingConfig
+
+if TYPE_CHECKING:
+    from dgpo.data import PromptSample
 
 LENGTH, TRUNCATED, PROBLEMS = "response_length", "truncated", "problems"
 #: Seed offset between batches: more samples than any batch holds, so no two share a seed.
@@ -54,6 +57,7 @@ class Evaluator(torch.nn.Module):
         self._names: list[str] = []
         self._engine: RolloutEngine | None = None
         self._fallback: RolloutEngine | None = None
+        self._counts = True
         self._reward: MathVerifyReward | None = None
 
     @property
@@ -84,9 +88,14 @@ class Evaluator(torch.nn.Module):
             for metric in self.benchmarks[name].values():
                 metric.reset()
         self._engine = self._engine_for(module)
-        self._engine.attach(module.policy, module.model_path)
+        sharded = getattr(module, "sharded", False)  # FSDP: the engine samples from its own copy
+        self._engine.attach(None if sharded else module.policy, module.model_path)
         self._engine.wake_up()
-        self._engine.load_weights(module.named_weights_for_engine())
+        self._engine.load_weights(module.named_weights_for_engine())  # all ranks (FSDP gathers)
+        # the ranks of one engine evaluate the same problems; the first of them counts them
+        trainer = getattr(module, "trainer", None)
+        world = 1 if trainer is None else trainer.world_size
+        self._counts = world == 1 or trainer.global_rank % self._engine.ranks_per_engine(world) == 0
 
     def step(self, batch: BenchmarkBatch, batch_idx: int) -> list[Completion]:
         """Sample, score and count one batch of one benchmark's problems.
@@ -102,7 +111,10 @@ class Evaluator(torch.nn.Module):
                                   max_new_tokens=cfg.max_new_tokens,
                                   seed=cfg.seed + batch_idx * SEED_STRIDE)
         completions = self._engine.generate([p.prompt_ids for p in prompts], sampling)
-        correct, answers = self._score(batch, completions)
+        if not self._counts:
+            return completions
+        correct, answers = self.score([prompts[c.prompt_index] for c in completions],
+                                      [c.text for c in completions])
         metrics = self.benchmarks[batch.benchmark]
         device = next(iter(metrics.values())).device
         correct = correct.view(len(prompts), cfg.k).to(device)
@@ -130,10 +142,12 @@ class Evaluator(torch.nn.Module):
 
         """
         scores = self.compute()
+        headline = self.config.metric_names[0]
         for name, values in scores.items():
             for metric, value in values.items():
-                module.log(f"{stage}/{name}/{metric}", value, prog_bar=name == MEAN
-                           and metric == self.config.metric_names[0])
+                # every rank holds the same synced value: sync_dist only averages equal numbers
+                module.log(f"{stage}/{name}/{metric}", value, sync_dist=True,
+                           prog_bar=name == MEAN and metric == headline)
         if self._engine is not None:
             self._engine.sleep()
         trainer = module.trainer
@@ -176,14 +190,23 @@ class Evaluator(torch.nn.Module):
         if self._fallback is None:
             from dgpo.rollout.transformers_engine import TransformersEngine
 
-            self._fallback = TransformersEngine(model=module.policy, tokenizer=module.tokenizer)
+            self._fallback = TransformersEngine(tokenizer=module.tokenizer)  # attach(): policy
         return self._fallback
 
-    def _score(self, batch: BenchmarkBatch,
-               completions: list[Completion]) -> tuple[torch.Tensor, list[str | None]]:
-        """Correctness and extracted answer of each completion (alternatives count as correct)."""
-        prompts = [batch.prompts[c.prompt_index] for c in completions]
-        texts = [c.text for c in completions]
+    def score(self, prompts: list[PromptSample],
+              texts: list[str]) -> tuple[torch.Tensor, list[str | None]]:
+        """Decide which responses are correct.
+
+        Args:
+            prompts: The prompt of each response (its ``answer`` and optional
+                ``answer_alternatives`` column).
+            texts: The responses.
+
+        Returns:
+            ``(N,)`` bool correctness (the gold answer or any alternative accepted) and the
+            extracted answer of each response (None where there is none).
+
+        """
         self.reward(texts, [p.answer for p in prompts])
         details = self.reward.details()
         correct = [d["status"] == "correct" for d in details]

@@ -71,7 +71,10 @@ class MiniBatchSampler(Sampler[list[int]]):
     """Yields ``passes`` shuffled passes over the buffer in mini-batches of fixed size.
 
     The order depends only on ``(seed, buffer.epoch, pass)``, so a resumed run sees the same
-    mini-batches as an uninterrupted one.
+    mini-batches as an uninterrupted one. With several ranks the buffer holds the whole
+    rollout on every rank and each rank gets its contiguous ``1 / world_size`` part of every
+    global mini-batch (:meth:`global_batches` lists the global ones), so the ranks together
+    train on exactly the mini-batches of a single-process run.
     """
 
     def __init__(self, buffer: RolloutBuffer) -> None:
@@ -80,7 +83,8 @@ class MiniBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.buffer.steps_per_epoch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def global_batches(self) -> Iterator[list[int]]:
+        """The epoch's mini-batches over all ranks (buffer indices)."""
         size = self.buffer.mini_batch_size
         count = len(self.buffer)
         for ppo_pass in range(self.buffer.ppo_epochs):
@@ -89,6 +93,12 @@ class MiniBatchSampler(Sampler[list[int]]):
             order = torch.randperm(count, generator=generator).tolist()
             for start in range(0, count - size + 1, size):
                 yield order[start:start + size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        part = self.buffer.mini_batch_size // self.buffer.world_size
+        first = self.buffer.rank * part
+        for batch in self.global_batches():
+            yield batch[first:first + part]
 
 
 class RolloutBuffer(Dataset):
@@ -107,22 +117,38 @@ class RolloutBuffer(Dataset):
         self.pad_token_id = 0
         self.seed = 0
         self.epoch = 0
+        self.rank = 0
+        self.world_size = 1
 
     def configure(self, num_sequences: int, mini_batch_size: int, ppo_epochs: int = 1,
-                  pad_token_id: int = 0, seed: int = 0) -> None:
-        """Set the sizes: ``num_sequences`` per rollout, split in mini-batches, ``ppo_epochs`` passes.
+                  pad_token_id: int = 0, seed: int = 0, rank: int = 0,
+                  world_size: int = 1) -> None:
+        """Set the sizes: ``num_sequences`` per rollout, in mini-batches, ``ppo_epochs`` passes.
+
+        ``num_sequences`` and ``mini_batch_size`` are global (all ranks together); this rank
+        (``rank`` of ``world_size``) trains on its ``mini_batch_size / world_size`` part of each
+        mini-batch.
 
         Raises:
-            ValueError: when ``mini_batch_size`` does not divide ``num_sequences``, or a size is < 1.
+            ValueError: when ``mini_batch_size`` does not divide ``num_sequences``, or
+                ``world_size`` does not divide ``mini_batch_size``, or a size is < 1.
         """
         for name, value in (("num_sequences", num_sequences), ("mini_batch_size", mini_batch_size),
-                            ("ppo_epochs", ppo_epochs)):
+                            ("ppo_epochs", ppo_epochs), ("world_size", world_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if num_sequences % mini_batch_size:
             raise ValueError(
                 f"mini_batch_size={mini_batch_size} must divide the rollout batch of "
                 f"{num_sequences} sequences (prompts × n)")
+        if mini_batch_size % world_size:
+            raise ValueError(
+                f"mini_batch_size={mini_batch_size} sequences cannot be split evenly over "
+                f"{world_size} ranks; make it a multiple of the number of ranks")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        self.rank = rank
+        self.world_size = world_size
         self.num_sequences = num_sequences
         self.mini_batch_size = mini_batch_size
         self.ppo_epochs = ppo_epochs

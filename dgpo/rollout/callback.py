@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from dgpo.advantages import ESTIMATORS, compute_advantages, group_stats
 from dgpo.data import PromptSample
+from dgpo.distributed import all_gather_objects, reduce_reward_metrics, shard_bounds
 from dgpo.rewards import MathVerifyReward, RewardFunction
 from dgpo.rollout.buffer import RolloutSample
 from dgpo.rollout.engine import Completion, RolloutEngine, SamplingConfig
@@ -52,13 +53,21 @@ class RolloutCallback(Callback):
     advantages and the behaviour (and reference) log-probs, and fill the data module's buffer,
     which the epoch then trains on in ``ppo_epochs`` passes of ``mini_batch_size`` sequences.
 
+    On several ranks (DDP, FSDP) every rank has its own engine (a ``VLLMEngine`` with
+    ``tensor_parallel_size`` > 1 on GPUs spans that many ranks), and each engine generates for
+    its ``rollout_batch_size / engines`` prompts, whole groups, seeded by their index in the whole
+    batch. One all-gather then gives every rank the whole rollout, from which the advantages, the
+    metrics and the buffer are computed as on one rank; each rank trains on its
+    ``mini_batch_size / ranks`` sequences of every mini-batch.
+
     Args:
         engine: the rollout engine (``VLLMEngine`` or ``TransformersEngine``); its model defaults
             to the policy's.
         reward: reward function(s); defaults to ``MathVerifyReward()``.
         n: samples per prompt (the group size).
-        rollout_batch_size: prompts per rollout.
-        mini_batch_size: sequences per optimiser step; must divide ``rollout_batch_size · n``.
+        rollout_batch_size: prompts per rollout (all ranks); a multiple of the number of engines.
+        mini_batch_size: sequences per optimiser step (all ranks); must divide
+            ``rollout_batch_size · n`` and be a multiple of the number of ranks.
         ppo_epochs: passes over the rollout buffer per epoch.
         temperature: sampling temperature (the training log-probs use the same).
         top_p: nucleus sampling threshold.
@@ -122,6 +131,8 @@ class RolloutCallback(Callback):
         self.sync_tolerance = sync_tolerance
         self.sync_check_sequences = sync_check_sequences
         self._train_started = 0.0
+        self._ranks_per_engine = 1
+        self._prompt_range = (0, rollout_batch_size)
         self.last_rollout: RolloutRecord | None = None
 
     # ----------------------------------------------------------------------------------- hooks
@@ -135,9 +146,25 @@ class RolloutCallback(Callback):
             raise ValueError("RolloutCallback needs a data module with next_prompts() and a "
                              "buffer, such as dgpo.data.RLVRDataModule")
         pl_module.temperature = self.sampling.temperature
+        self._shard_prompts(trainer.global_rank, trainer.world_size)
         datamodule.buffer.configure(self.rollout_batch_size * self.n, self.mini_batch_size,
                                     self.ppo_epochs, pad_token_id=pl_module.tokenizer.pad_token_id,
-                                    seed=self.seed)
+                                    seed=self.seed, rank=trainer.global_rank,
+                                    world_size=trainer.world_size)
+
+    def _shard_prompts(self, rank: int, world_size: int) -> None:
+        """Choose this rank's prompts: engine ``rank // ranks_per_engine`` of the engines."""
+        per_engine = self.engine.ranks_per_engine(world_size)
+        if world_size % per_engine:
+            raise ValueError(f"{world_size} ranks cannot be split into rollout engines of "
+                             f"{per_engine} ranks (the engine's tensor_parallel_size)")
+        engines = world_size // per_engine
+        if self.rollout_batch_size % engines:
+            raise ValueError(f"rollout_batch_size={self.rollout_batch_size} prompts cannot be "
+                             f"split evenly over {engines} rollout engines ({world_size} ranks, "
+                             f"{per_engine} per engine); make it a multiple of {engines}")
+        self._ranks_per_engine = per_engine
+        self._prompt_range = shard_bounds(self.rollout_batch_size, engines, rank // per_engine)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -146,7 +173,8 @@ class RolloutCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        pl_module.log("time/train_seconds", time.perf_counter() - self._train_started)
+        pl_module.log("time/train_seconds", time.perf_counter() - self._train_started,
+                      sync_dist=True, reduce_fx="max")
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -157,19 +185,38 @@ class RolloutCallback(Callback):
 
     # -------------------------------------------------------------------------------- rollout
     def _rollout(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """One RL iteration's rollout; with several ranks each engine serves its prompt shard.
+
+        Every rank draws the same prompts; the ranks of engine ``e`` generate, score and compute
+        the behaviour log-probs of shard ``e`` (whole groups, so a group's ``n`` samples stay on
+        one engine). One all-gather then gives every rank the whole rollout, from which the group
+        advantages, the metrics and the buffer are computed exactly as on one rank.
+        """
         epoch = trainer.current_epoch
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        self.engine.attach(pl_module.policy, pl_module.model_path)
+        policy = None if getattr(pl_module, "sharded", False) else pl_module.policy
+        self.engine.attach(policy, pl_module.model_path)  # sharded: the engine keeps a copy
         self.engine.wake_up()
         self.engine.load_weights(pl_module.named_weights_for_engine())
         timings["weight_sync"] = time.perf_counter() - start
 
         prompts = trainer.datamodule.next_prompts(self.rollout_batch_size)
-        sampling = SamplingConfig(**{**vars(self.sampling), "seed": self.seed + epoch})
+        first, stop = self._prompt_range
+        # seed + global prompt index: the samples do not depend on how prompts are sharded
+        sampling = SamplingConfig(**{**vars(self.sampling),
+                                     "seed": self.seed + epoch + first * self.n})
         start = time.perf_counter()
-        completions = self.engine.generate([p.prompt_ids for p in prompts], sampling)
+        completions = self.engine.generate([p.prompt_ids for p in prompts[first:stop]], sampling)
+        if first:
+            completions = [replace(c, prompt_index=c.prompt_index + first) for c in completions]
         timings["generation"] = time.perf_counter() - start
+        samples = [RolloutSample(prompt_ids=prompts[c.prompt_index].prompt_ids,
+                                 response_ids=list(c.token_ids), advantage=0.0,
+                                 group=c.prompt_index) for c in completions]
+        start = time.perf_counter()
+        sync = self._check_sync(pl_module, samples)
+        timings["sync_check"] = time.perf_counter() - start
         self.engine.sleep()
 
         start = time.perf_counter()
@@ -178,32 +225,59 @@ class RolloutCallback(Callback):
         rewards = torch.tensor(self.reward([c.text for c in completions], answers, **columns),
                                dtype=torch.float32)
         timings["scoring"] = time.perf_counter() - start
-
-        advantages = compute_advantages(rewards.view(len(prompts), self.n), self.advantage)
-        samples = [RolloutSample(prompt_ids=prompts[c.prompt_index].prompt_ids,
-                                 response_ids=list(c.token_ids), advantage=float(a),
-                                 reward=float(r), group=c.prompt_index)
-                   for c, a, r in zip(completions, advantages.flatten(), rewards)]
+        for sample, reward in zip(samples, rewards, strict=True):
+            sample.reward = float(reward)
         start = time.perf_counter()
+        self._behaviour_logprobs(pl_module, samples, completions)
+        timings["logprobs"] = time.perf_counter() - start
+
+        shard = _Shard(samples, completions, rewards.tolist(),
+                       getattr(self.reward, "details", list)(),
+                       getattr(self.reward, "metrics", dict)(), sync, timings)
+        whole = self._gather(shard, trainer.world_size)
+        self._raise_on_bad_sync(whole.sync)
+        advantages = compute_advantages(torch.tensor(whole.rewards, dtype=torch.float32)
+                                        .view(len(prompts), self.n), self.advantage).flatten()
+        for sample, advantage in zip(whole.samples, advantages, strict=True):
+            sample.advantage = float(advantage)
+        trainer.datamodule.buffer.fill(whole.samples, epoch)
+        details = whole.details if len(whole.details) == len(whole.completions) else []
+        self.last_rollout = RolloutRecord(epoch, prompts, whole.completions, whole.rewards,
+                                          advantages.tolist(), details)
+        self._log(pl_module, whole)
+
+    def _behaviour_logprobs(self, pl_module: LightningModule, samples: list[RolloutSample],
+                            completions: list[Completion]) -> None:
+        """Fill each sample's π_old (and reference) log-probs."""
         if self.behaviour_logprobs == "engine":
             behaviour = [torch.tensor(c.logprobs, dtype=torch.float32) for c in completions]
         else:
             behaviour = pl_module.score_samples(samples)
-        for sample, logp in zip(samples, behaviour):
+        for sample, logp in zip(samples, behaviour, strict=True):
             sample.old_logp = logp
         if pl_module.reference is not None:
-            for sample, logp in zip(samples, pl_module.score_samples(samples, reference=True)):
+            for sample, logp in zip(samples, pl_module.score_samples(samples, reference=True),
+                                    strict=True):
                 sample.ref_logp = logp
-        timings["logprobs"] = time.perf_counter() - start
-        start = time.perf_counter()
-        sync = self._check_sync(pl_module, samples)
-        timings["sync_check"] = time.perf_counter() - start
-        trainer.datamodule.buffer.fill(samples, epoch)
-        details = getattr(self.reward, "details", list)()
-        self.last_rollout = RolloutRecord(epoch, prompts, completions, rewards.tolist(),
-                                          advantages.flatten().tolist(),
-                                          details if len(details) == len(completions) else [])
-        self._log(pl_module, completions, rewards, timings, sync)
+
+    def _gather(self, shard: _Shard, world_size: int) -> _Shard:
+        """The whole rollout from every engine's shard (the shard itself on one rank)."""
+        if world_size == 1:
+            return shard
+        shard.completions = [replace(c, logprobs=None) for c in shard.completions]  # not needed
+        parts = all_gather_objects(shard, world_size)[::self._ranks_per_engine]  # one per engine
+        diffs = [part.sync for part in parts]
+        count = sum(d["count"] for d in diffs)
+        return _Shard(
+            samples=[s for part in parts for s in part.samples],
+            completions=[c for part in parts for c in part.completions],
+            rewards=[r for part in parts for r in part.rewards],
+            details=[d for part in parts for d in part.details],
+            reward_metrics=reduce_reward_metrics([(part.reward_metrics, len(part.rewards))
+                                                  for part in parts]),
+            sync={"max": max(d["max"] for d in diffs), "sum": sum(d["sum"] for d in diffs),
+                  "count": count, "mean": sum(d["sum"] for d in diffs) / max(count, 1)},
+            timings={key: max(part.timings[key] for part in parts) for key in shard.timings})
 
     def _check_sync(self, pl_module: LightningModule, samples: list[RolloutSample]) -> dict:
         """Compare the engine's and the policy's log-probs on a few sampled sequences."""
@@ -211,50 +285,70 @@ class RolloutCallback(Callback):
         engine_logp = self.engine.score([s.prompt_ids + s.response_ids for s in picked])
         policy_logp = pl_module.score_samples(picked, temperature=1.0)
         diffs = []
-        for sample, engine_row, policy_row in zip(picked, engine_logp, policy_logp):
+        for sample, engine_row, policy_row in zip(picked, engine_logp, policy_logp,
+                                                  strict=True):
             response = torch.tensor(engine_row[len(sample.prompt_ids) - 1:], dtype=torch.float32)
             diffs.append((response - policy_row).abs())
         diff = torch.cat(diffs) if diffs else torch.zeros(1)
-        result = {"max": float(diff.max()), "mean": float(diff.mean())}
-        if result["mean"] > self.sync_tolerance:
+        return {"max": float(diff.max()), "mean": float(diff.mean()), "sum": float(diff.sum()),
+                "count": diff.numel()}
+
+    def _raise_on_bad_sync(self, sync: dict[str, float]) -> None:
+        """Stop the run (on every rank alike) when the engine's weights did not arrive."""
+        if sync["mean"] > self.sync_tolerance:
             raise RuntimeError(
                 f"rollout engine and policy disagree after the weight push: mean |Δ log p| = "
-                f"{result['mean']:.4g} > sync_tolerance={self.sync_tolerance} (max "
-                f"{result['max']:.4g}); the engine's weights were probably not updated")
-        return result
+                f"{sync['mean']:.4g} > sync_tolerance={self.sync_tolerance} (max "
+                f"{sync['max']:.4g}); the engine's weights were probably not updated")
 
-    def _log(self, pl_module: LightningModule, completions: list[Completion], rewards: torch.Tensor,
-             timings: dict[str, float], sync: dict[str, float]) -> None:
+    def _log(self, pl_module: LightningModule, whole: _Shard) -> None:
+        completions, timings = whole.completions, whole.timings
+        rewards = torch.tensor(whole.rewards, dtype=torch.float32)
         lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
         truncated = torch.tensor([c.finish_reason == "length" for c in completions],
                                  dtype=torch.float32)
-        details = getattr(self.reward, "metrics", dict)()
-        correct = _correctness(self.reward, rewards).view(-1, self.n)
+        correct = _correctness(whole.details, rewards).view(-1, self.n)
         metrics = {
             "rollout/reward_mean": rewards.mean(),
             "rollout/reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
             "rollout/response_length_mean": lengths.mean(),
             "rollout/response_length_max": lengths.max(),
             "rollout/truncated_fraction": truncated.mean(),
-            "rollout/sync_logp_diff_max": torch.tensor(sync["max"]),
-            "rollout/sync_logp_diff_mean": torch.tensor(sync["mean"]),
+            "rollout/sync_logp_diff_max": torch.tensor(whole.sync["max"]),
+            "rollout/sync_logp_diff_mean": torch.tensor(whole.sync["mean"]),
             "rollout/tokens_per_second": lengths.sum() / max(timings["generation"], 1e-9),
         }
         metrics.update({f"rollout/{k}": torch.tensor(float(v))
                         for k, v in group_stats(correct).items()})
-        metrics.update({f"rollout/reward/{k}": torch.tensor(float(v)) for k, v in details.items()})
+        metrics.update({f"rollout/reward/{k}": torch.tensor(float(v))
+                        for k, v in whole.reward_metrics.items()})
         metrics.update({f"time/{k}_seconds": torch.tensor(v) for k, v in timings.items()})
         for name, value in metrics.items():
-            pl_module.log(name, value, on_epoch=True, on_step=False,
+            # The values are already global (the same on every rank): syncing them is a no-op
+            # that keeps Lightning from warning about unsynced epoch metrics.
+            pl_module.log(name, value, on_epoch=True, on_step=False, sync_dist=True,
                           prog_bar=name == "rollout/reward_mean")
         rank_zero_info(f"epoch {pl_module.current_epoch}: reward {float(rewards.mean()):.3f}, "
                        f"length {float(lengths.mean()):.1f}, generation "
                        f"{timings['generation']:.1f}s")
 
 
-def _correctness(reward: Any, rewards: torch.Tensor) -> torch.Tensor:
+@dataclass
+class _Shard:
+    """One engine's part of a rollout (or, after :meth:`RolloutCallback._gather`, the whole)."""
+
+    samples: list[RolloutSample]
+    completions: list[Completion]
+    rewards: list[float]
+    details: list[dict[str, Any]]
+    reward_metrics: dict[str, float]
+    sync: dict[str, float]
+    timings: dict[str, float]
+
+
+def _correctness(details: list[dict[str, Any]], rewards: torch.Tensor) -> torch.Tensor:
     """Per-sample correctness: the reward's own ``details()`` statuses, else ``reward > 0``."""
-    statuses = [d.get("status") for d in getattr(reward, "details", list)()]
+    statuses = [d.get("status") for d in details]
     if len(statuses) == rewards.numel():
         return torch.tensor([status == "correct" for status in statuses])
     return rewards > 0

@@ -47,11 +47,12 @@ class CompletionsTable(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs or not trainer.is_global_zero:
+        if (trainer.current_epoch + 1) % self.every_n_epochs:
             return
+        directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: all ranks
         record = self._last_rollout(trainer)
-        if record is not None:
-            self._write(trainer, self.rows(record))
+        if record is not None and trainer.is_global_zero:
+            self._write(trainer, directory, self.rows(record))
 
     def rows(self, record: RolloutRecord) -> list[dict[str, Any]]:
         """The table rows of one rollout (the first ``max_prompts`` groups)."""
@@ -75,8 +76,7 @@ class CompletionsTable(Callback):
             })
         return rows
 
-    def _write(self, trainer: Trainer, rows: list[dict[str, Any]]) -> None:
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
+    def _write(self, trainer: Trainer, directory: Path, rows: list[dict[str, Any]]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         with open(directory / self.filename, "a", encoding="utf-8") as file:
             for row in rows:

@@ -131,17 +131,27 @@ class RolloutEngine(ABC):
 
         """
 
-    def attach(self, module: torch.nn.Module, model_path: str) -> None:  # noqa: B027
+    def attach(self, module: torch.nn.Module | None, model_path: str) -> None:  # noqa: B027
         """Tell the engine which policy it serves (the rollout callback calls this each rollout).
 
         Engines built without a model adopt these: the module itself (``TransformersEngine``) or
         the path of its initial weights (``VLLMEngine``). A no-op by default.
 
         Args:
-            module: the policy module (Hugging Face causal LM).
+            module: the policy module (Hugging Face causal LM), or None when it cannot be sampled
+                from directly (its parameters are sharded over ranks): the engine then loads its
+                own copy from ``model_path`` and receives the weights by :meth:`load_weights`.
             model_path: the folder (or hub id) the policy was loaded from.
 
         """
+
+    def ranks_per_engine(self, world_size: int) -> int:
+        """How many of the trainer's ``world_size`` ranks one engine spans (1 by default).
+
+        The rollout callback gives every engine an equal share of the prompts; the ranks of one
+        engine all receive the same share.
+        """
+        return 1
 
     def sleep(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release accelerator memory between rollouts (a no-op unless the engine supports it)."""

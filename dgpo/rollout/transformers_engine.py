@@ -74,8 +74,12 @@ class TransformersEngine(RolloutEngine):
         self._module = model
         self._tokenizer = tokenizer
 
-    def attach(self, module: torch.nn.Module, model_path: str) -> None:
-        """Sample from ``module`` itself unless the engine already has a model of its own."""
+    def attach(self, module: torch.nn.Module | None, model_path: str) -> None:
+        """Sample from ``module`` itself unless the engine already has a model of its own.
+
+        With ``module=None`` (a policy sharded by FSDP) the engine loads a private copy from
+        ``model_path`` on first use.
+        """
         if self._module is None and self.model_path is None:
             self._module = module
         if self.model_path is None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import logging
 import os
 import random
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -43,6 +45,12 @@ class VLLMEngine(RolloutEngine):
     ``gc.freeze()`` while starting (undone by :meth:`close`); on CPU it replaces
     ``torch.set_num_threads`` by a no-op for the rest of the process.
 
+    Several ranks (Lightning DDP/FSDP, scale-out): every rank builds its own engine inside the
+    trainer's process group, all at the same time. On CPU each is a world-size-1 engine in its own
+    process. On GPUs the engines use vLLM's ``external_launcher`` backend on the trainer's ranks:
+    ``tensor_parallel_size`` consecutive ranks form one engine (all of them must generate the same
+    prompts; see :meth:`ranks_per_engine`), and ``load_weights`` streams the weights in memory.
+
     Args:
         model: a local HF folder, a hub id or a ``builtin:`` name (see
             :func:`dgpo.models.resolve_model`); None to take the policy's path from :meth:`attach`.
@@ -56,6 +64,7 @@ class VLLMEngine(RolloutEngine):
         kv_cache_space_gib: KV cache size on CPU, in GiB (> 0; ignored on GPU).
         enforce_eager: skip CUDA graphs and torch.compile (fast start).
         seed: vLLM's engine seed (for unseeded sampling).
+        progress_bar: show vLLM's progress bar while generating.
 
     Raises:
         ValueError: if an argument is outside its allowed values.
@@ -78,6 +87,7 @@ class VLLMEngine(RolloutEngine):
         kv_cache_space_gib: float = 1.0,
         enforce_eager: bool = True,
         seed: int = 0,
+        progress_bar: bool = True,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
@@ -92,6 +102,7 @@ class VLLMEngine(RolloutEngine):
         if not kv_cache_space_gib > 0:
             raise ValueError(f"kv_cache_space_gib must be > 0, got {kv_cache_space_gib!r}.")
         self.model = model
+        self.progress_bar = progress_bar
         self.dtype = dtype
         self.gpu_memory_utilization = gpu_memory_utilization
         self.enable_sleep_mode = enable_sleep_mode
@@ -104,6 +115,7 @@ class VLLMEngine(RolloutEngine):
         self._on_cpu = True
         self._asleep = False
         self._owns_process_group = True
+        self._external_launcher = False
 
     @property
     def llm(self) -> vllm.LLM:
@@ -118,7 +130,7 @@ class VLLMEngine(RolloutEngine):
         """Whether the ``vllm.LLM`` has been built."""
         return self._llm is not None
 
-    def attach(self, module: torch.nn.Module, model_path: str) -> None:
+    def attach(self, module: torch.nn.Module | None, model_path: str) -> None:
         """Use ``model_path`` as the model if none was given (weights then come by load_weights)."""
         if self.model is None:
             self.model = model_path
@@ -165,8 +177,19 @@ class VLLMEngine(RolloutEngine):
         else:
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = self.enable_sleep_mode
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": None}
+        env: dict[str, str | None] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                      "VLLM_CPU_KVCACHE_SPACE": None}
         self._owns_process_group = not torch.distributed.is_initialized()
+        world = 1 if self._owns_process_group else torch.distributed.get_world_size()
+        if world > 1:  # scale-out (issue 7): one engine per rank (or per TP group of ranks)
+            self._external_launcher = not self._on_cpu
+            if self._on_cpu and self.tensor_parallel_size > 1:
+                raise ValueError("tensor_parallel_size > 1 is not supported with several CPU "
+                                 f"ranks (world size {world}); use 1")
+            if self._external_launcher:
+                kwargs["distributed_executor_backend"] = "external_launcher"
+                env.update(RANK=str(torch.distributed.get_rank()), WORLD_SIZE=str(world),
+                           LOCAL_RANK=str(torch.cuda.current_device()))
         with _environment(env), _preserved_rng():
             self._llm = vllm.LLM(**kwargs)
 
@@ -194,7 +217,7 @@ class VLLMEngine(RolloutEngine):
             )
             for index in range(len(prompt_ids))
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=self.progress_bar)
         completions = []
         for index, output in enumerate(outputs):
             samples = sorted(output.outputs, key=lambda s: s.index)
@@ -237,28 +260,46 @@ class VLLMEngine(RolloutEngine):
             ValueError: if a fused group is given only in part.
 
         """
-        weights = [(name, tensor.detach()) for name, tensor in named_tensors]
-        _check_fused_groups([name for name, _ in weights])
-        names = {name for name, _ in weights}
         text_config = self.llm.llm_engine.model_config.hf_text_config
-        if getattr(text_config, "tie_word_embeddings", False) and "lm_head.weight" not in names:
-            embedding = [t for name, t in weights if name.endswith("embed_tokens.weight")]
-            weights += [("lm_head.weight", t) for t in embedding]
+        tied = bool(getattr(text_config, "tie_word_embeddings", False))
+        # Streamed one layer at a time: the caller's iterator may gather each layer on demand
+        # (FSDP), so the full weights never exist twice in memory.
+        weights = _by_layer(_with_tied_head(named_tensors, tied))
+        # Check the first layer before vLLM starts its reload: a bad subset (a fused group in
+        # part) then fails without leaving the engine half-reloaded.
+        first = next(weights, None)
+        weights = itertools.chain([] if first is None else [first], weights)
         self._ensure_awake()
-        if self.tensor_parallel_size == 1:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        if self.tensor_parallel_size == 1 or self._external_launcher:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         else:
             self._load_weights_from_disk(weights)
         self.llm.reset_prefix_cache()
 
+    def ranks_per_engine(self, world_size: int) -> int:
+        """Trainer ranks that share one engine: ``tensor_parallel_size`` on several GPU ranks."""
+        return self.tensor_parallel_size if world_size > 1 else 1
+
     def _load_weights_from_disk(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Push weights through a temporary safetensors file (works across worker processes)."""
+        """Push weights through temporary safetensors files (works across worker processes).
+
+        The weights are written in files of about 1 GiB as they arrive, so at most that much is
+        held in CPU memory besides the caller's current layer.
+        """
         from safetensors.torch import save_file
 
-        # clone(): tied parameters share storage, which save_file refuses.
-        tensors = {name: t.to("cpu").contiguous().clone() for name, t in weights}
         with tempfile.TemporaryDirectory(prefix="dgpo-weights-") as folder:
-            save_file(tensors, os.path.join(folder, "model.safetensors"))
+            tensors: dict[str, torch.Tensor] = {}
+            size, files = 0, 0
+            for name, tensor in weights:
+                # clone(): tied parameters share storage, which save_file refuses.
+                tensors[name] = tensor.to("cpu").contiguous().clone()
+                size += tensors[name].numel() * tensors[name].element_size()
+                if size >= 2**30:
+                    save_file(tensors, os.path.join(folder, f"part-{files:05d}.safetensors"))
+                    tensors, size, files = {}, 0, files + 1
+            if tensors or not files:
+                save_file(tensors, os.path.join(folder, f"part-{files:05d}.safetensors"))
             del tensors
             self.llm.collective_rpc("reload_weights", kwargs={"weights_path": folder})
 
@@ -314,6 +355,47 @@ def _completion(prompt_index: int, sample: Any) -> Completion:
         finish_reason="length" if sample.finish_reason == "length" else "stop",
         logprobs=logprobs,
     )
+
+
+def _with_tied_head(weights: Iterable[tuple[str, torch.Tensor]],
+                    tied: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Detach each tensor, and send a tied ``lm_head.weight`` once, beside the input embedding.
+
+    On CPU vLLM keeps a packed copy of the LM head that would otherwise go stale.
+    """
+    head_sent = False
+    for name, tensor in weights:
+        if name == "lm_head.weight":
+            if head_sent:
+                continue
+            head_sent = True
+        yield name, tensor.detach()
+        if tied and not head_sent and name.endswith("embed_tokens.weight"):
+            head_sent = True
+            yield "lm_head.weight", tensor.detach()
+
+
+_LAYER = re.compile(r"^(.*?\blayers\.\d+)\.")
+
+
+def _by_layer(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass the weights on one decoder layer (or module) at a time.
+
+    Each layer is checked to hold its fused projection groups whole before any of it is sent.
+    """
+    chunk: list[tuple[str, torch.Tensor]] = []
+    key = None
+    for name, tensor in weights:
+        match = _LAYER.match(name)
+        name_key = match.group(1) if match else name.rpartition(".")[0]
+        if chunk and name_key != key:
+            _check_fused_groups([n for n, _ in chunk])
+            yield from chunk
+            chunk = []
+        key = name_key
+        chunk.append((name, tensor))
+    _check_fused_groups([n for n, _ in chunk])
+    yield from chunk
 
 
 def _check_fused_groups(names: list[str]) -> None:

@@ -1,0 +1,137 @@
+"""The scale-out helpers on one process: shards, reductions, full weights and mini-batch slices."""
+
+import pytest
+import torch
+
+from dgpo.distributed import (
+    TokenMeans,
+    all_gather_objects,
+    call_through,
+    clean_name,
+    full_weights,
+    reduce_reward_metrics,
+    shard_bounds,
+)
+from dgpo.rollout import RolloutCallback, TransformersEngine, VLLMEngine
+from dgpo.rollout.buffer import MiniBatchSampler, RolloutBuffer, RolloutSample
+from dgpo.rollout.vllm_engine import _by_layer, _with_tied_head
+
+
+def test_shard_bounds_splits_evenly_and_rejects_uneven():
+    assert [shard_bounds(12, 3, i) for i in range(3)] == [(0, 4), (4, 8), (8, 12)]
+    with pytest.raises(ValueError, match="10 prompts cannot be split evenly over 4"):
+        shard_bounds(10, 4, 0, "prompts")
+
+
+def test_all_gather_objects_on_one_rank_is_the_object():
+    assert all_gather_objects({"a": 1}, world_size=1) == [{"a": 1}]
+
+
+def test_reduce_reward_metrics_weights_means_and_sums_counts():
+    per_rank = [({"accuracy": 0.5, "timeouts": 1.0, "x/reward_mean": 1.0}, 4),
+                ({"accuracy": 0.0, "timeouts": 2.0, "x/reward_mean": 0.0}, 12)]
+    merged = reduce_reward_metrics(per_rank)
+    assert merged == {"accuracy": 0.125, "timeouts": 3.0, "x/reward_mean": 0.25}
+
+
+def test_token_means_reduce_sums_and_counts_not_means():
+    ranks = [TokenMeans(), TokenMeans()]
+    ranks[0].update("train/ratio/mean", torch.tensor(1.0), 1)  # 1 token
+    ranks[1].update("train/ratio/mean", torch.tensor(2.0), 3)  # 3 tokens
+    ranks[1].update("train/ratio/mean", torch.tensor(4.0), 1)
+    pairs = [torch.stack([means._pairs[name] for name in sorted(means._pairs)]) for means in ranks]
+    total = pairs[0] + pairs[1]  # what an all-reduce (sum) gives every rank
+    means = ranks[0].compute(lambda _: total)
+    assert means["train/ratio/mean"].item() == pytest.approx((1 + 6 + 4) / 5)
+    assert ranks[0].compute(lambda pairs: pairs) == {}, "compute starts a new epoch"
+
+
+def test_clean_name_removes_wrapper_parts():
+    name = "model.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.mlp.up_proj.weight"
+    assert clean_name(name) == "model.layers.0.mlp.up_proj.weight"
+
+
+def test_full_weights_of_a_plain_module_is_its_state_dict():
+    module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3))
+    got = dict(full_weights(module))
+    assert list(got) == list(module.state_dict())
+    assert all(torch.equal(got[k], v) for k, v in module.state_dict().items())
+
+
+class _Wrapper(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.calls = 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+
+def test_call_through_runs_the_function_inside_the_wrapper_forward():
+    inner = torch.nn.Linear(2, 2)
+    wrapper = _Wrapper(inner)
+    assert call_through(wrapper, inner, lambda: "done") == "done"
+    assert wrapper.calls == 1
+    assert "forward" not in vars(inner), "the module's own forward is back"
+    assert inner(torch.ones(1, 2)).shape == (1, 2)
+
+
+def _filled_buffer(world_size: int, rank: int) -> RolloutBuffer:
+    buffer = RolloutBuffer()
+    buffer.configure(16, 8, ppo_epochs=2, seed=3, rank=rank, world_size=world_size)
+    buffer.fill([RolloutSample([1], [2], advantage=0.0) for _ in range(16)], epoch=1)
+    return buffer
+
+
+def test_mini_batch_sampler_ranks_split_each_single_process_mini_batch():
+    single = list(MiniBatchSampler(_filled_buffer(1, 0)))
+    parts = [list(MiniBatchSampler(_filled_buffer(2, rank))) for rank in range(2)]
+    assert len(parts[0]) == len(parts[1]) == len(single) == 4
+    for step, batch in enumerate(single):
+        assert parts[0][step] + parts[1][step] == batch
+    assert list(MiniBatchSampler(_filled_buffer(2, 1)).global_batches()) == single
+
+
+def test_rollout_buffer_rejects_a_mini_batch_that_ranks_cannot_split():
+    with pytest.raises(ValueError, match="mini_batch_size=6 sequences cannot be split evenly "
+                                         "over 4 ranks"):
+        RolloutBuffer().configure(12, 6, world_size=4)
+
+
+def test_rollout_callback_shards_whole_groups_by_engine():
+    callback = RolloutCallback(TransformersEngine(), n=2, rollout_batch_size=6, mini_batch_size=4)
+    callback._shard_prompts(rank=2, world_size=3)
+    assert callback._prompt_range == (4, 6)
+    with pytest.raises(ValueError, match="rollout_batch_size=6 prompts cannot be split evenly "
+                                         "over 4 rollout engines"):
+        callback._shard_prompts(rank=0, world_size=4)
+
+
+def test_rollout_callback_counts_tensor_parallel_ranks_as_one_engine():
+    engine = VLLMEngine("builtin:tiny-qwen2", tensor_parallel_size=2)
+    assert engine.ranks_per_engine(world_size=1) == 1
+    assert engine.ranks_per_engine(world_size=8) == 2
+    callback = RolloutCallback(engine, n=2, rollout_batch_size=8, mini_batch_size=4)
+    callback._shard_prompts(rank=5, world_size=8)  # engines of ranks (0,1) (2,3) (4,5) (6,7)
+    assert callback._prompt_range == (4, 6)
+    with pytest.raises(ValueError, match="6 ranks cannot be split into rollout engines of 4"):
+        RolloutCallback(VLLMEngine("builtin:tiny-qwen2", tensor_parallel_size=4), n=2,
+                        rollout_batch_size=8, mini_batch_size=4)._shard_prompts(0, 6)
+
+
+def test_vllm_weight_stream_checks_each_layer_and_sends_a_tied_head_once():
+    def names(prefix: str, parts: list[str]) -> list[tuple[str, torch.Tensor]]:
+        return [(f"{prefix}.{part}.weight", torch.zeros(1)) for part in parts]
+
+    stream = (names("model", ["embed_tokens"])
+              + names("model.layers.0.self_attn", ["q_proj", "k_proj", "v_proj", "o_proj"])
+              + names("model.layers.1.mlp", ["gate_proj", "up_proj", "down_proj"])
+              + names("model", ["norm"]) + [("lm_head.weight", torch.zeros(1))])
+    sent = [name for name, _ in _by_layer(_with_tied_head(stream, tied=True))]
+    assert sent[:2] == ["model.embed_tokens.weight", "lm_head.weight"]
+    assert sent.count("lm_head.weight") == 1 and len(sent) == len(stream)
+    partial = names("model.layers.0.self_attn", ["q_proj", "k_proj"])
+    with pytest.raises(ValueError, match="v_proj"):
+        list(_by_layer(partial))

@@ -1,0 +1,217 @@
+"""2-rank CPU runs (gloo) under FSDP, FSDP2 and DDP, compared with single-process runs.
+
+One ``torchrun --nproc_per_node 2`` launch per strategy runs, for each engine (vLLM and
+transformers), 2 epochs of the tiny model and then a resume for a third epoch. The same config
+on one process (3 epochs) is the reference. Checked per (strategy, engine):
+
+- every epoch's metrics (rewards, losses, regions, grad norm, ...) equal the single-process
+  run's: the ranks' rollout shards, the gathered advantages, the sharded mini-batches and the
+  (sum, count) metric reductions add up to the same run;
+- after each weight sync every rank's engine agrees with the policy's log-probs;
+- the first optimiser step's full gradient and loss equal those of one process on the same
+  global mini-batch (token-mean over the global token count);
+- the checkpoint resumes at epoch 2 and continues the single-process curve.
+"""
+
+import copy
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from dgpo.cli import main
+from dgpo.logprobs import sequence_logprobs
+from dgpo.losses import DGPOLoss
+from dgpo.rollout.buffer import collate_samples
+from tests.conftest import HAS_VLLM, requires_vllm
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = yaml.safe_load((REPO / "configs" / "tiny_fsdp_cpu.yaml").read_text())
+ENGINES = {
+    "vllm": {"class_path": "dgpo.rollout.VLLMEngine",
+             "init_args": {"dtype": "float32", "kv_cache_space_gib": 0.25, "max_model_len": 256,
+                           "progress_bar": False}},
+    "transformers": {"class_path": "dgpo.rollout.TransformersEngine"},
+}
+FSDP = BASE["trainer"]["strategy"]
+#: (strategy, engine) -> the strategy config; the checkpoint formats differ between engines.
+STRATEGIES = {
+    ("fsdp", "vllm"): FSDP,  # state_dict_type: full
+    ("fsdp", "transformers"): {**FSDP, "init_args": {**FSDP["init_args"],
+                                                     "state_dict_type": "sharded"}},
+    ("fsdp2", "vllm"): {"class_path": "dgpo.strategies.FSDP2Strategy",
+                        "init_args": {"save_distributed_checkpoint": False}},
+    ("fsdp2", "transformers"): {"class_path": "dgpo.strategies.FSDP2Strategy"},
+    ("ddp", "vllm"): "ddp",
+    ("ddp", "transformers"): "ddp",
+}
+#: Wall-clock metrics differ between any two runs.
+TIMING = ("time/", "rollout/tokens_per_second")
+CASES = [pytest.param(strategy, engine, id=f"{strategy}-{engine}",
+                      marks=[requires_vllm] if engine == "vllm" else [])
+         for strategy in ("fsdp", "fsdp2", "ddp") for engine in ENGINES]
+
+
+def run_config(root: Path, model_path: str, engine: str, strategy: str | None,
+               epochs: int) -> Path:
+    """The tiny 2-rank config (or, with ``strategy=None``, the same run on one process)."""
+    config = copy.deepcopy(BASE)
+    trainer = config["trainer"]
+    trainer.update(default_root_dir=str(root), max_epochs=epochs)
+    trainer["logger"]["init_args"]["save_dir"] = str(root)
+    if strategy is None:
+        trainer.update(devices=1, strategy="auto")
+    else:
+        trainer["strategy"] = STRATEGIES[strategy, engine]
+    rollout = trainer["callbacks"][0]["init_args"]
+    rollout.update(engine=ENGINES[engine], mini_batch_size=4,  # 4 steps per rollout, 2 per rank
+                   reward={"class_path": "tests.plugins.DigitFractionReward"})
+    trainer["callbacks"] = [trainer["callbacks"][0],
+                            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                             "init_args": {"dirpath": str(root / "checkpoints"),
+                                           "save_last": True}},
+                            {"class_path": "tests.plugins.GradientDump",
+                             "init_args": {"path": str(root / "first_step.pt")}}]
+    config["model"].update(model_name_or_path=model_path, max_grad_norm=None)  # raw gradients
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"config-{epochs}-epochs.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def epoch_metrics(root: Path, version: int = 0) -> pd.DataFrame:
+    frame = pd.read_csv(root / "tiny_fsdp_cpu" / f"version_{version}" / "metrics.csv")
+    frame = frame.groupby("epoch").mean()
+    return frame[[c for c in frame.columns if not c.startswith(TIMING) and c != "step"]]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, tiny_model_path):
+    """The single-process reference runs (3 epochs), one per engine, made on first use."""
+    roots: dict[str, Path] = {}
+
+    def get(engine: str) -> Path:
+        if engine not in roots:
+            root = tmp_path_factory.mktemp(f"single-{engine}")
+            main(["fit", "--config", str(run_config(root, tiny_model_path, engine, None, 3))])
+            roots[engine] = root
+        return roots[engine]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, tiny_model_path):
+    """One 2-rank launch per strategy: for each engine, fit 2 epochs, then resume to 3."""
+    roots: dict[str, dict[str, Path]] = {}
+
+    def get(strategy: str) -> dict[str, Path]:
+        if strategy in roots:
+            return roots[strategy]
+        base = tmp_path_factory.mktemp(f"ranks-{strategy}")
+        engines = [e for e in ENGINES if e != "vllm" or HAS_VLLM]
+        plan, paths = [], {}
+        for engine in engines:
+            root = base / engine
+            first = run_config(root, tiny_model_path, engine, strategy, 2)
+            again = run_config(root, tiny_model_path, engine, strategy, 3)
+            plan += [["fit", "--config", str(first)],
+                     ["fit", "--config", str(again), "--ckpt_path",
+                      str(root / "checkpoints" / "last.ckpt")]]
+            paths[engine] = root
+        (base / "plan.json").write_text(json.dumps(plan))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                   "--master_port", str(free_port()), str(REPO / "tests" / "scale_out_runs.py"),
+                   str(base / "plan.json")]
+        result = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True,
+                                timeout=300)
+        (base / "output.log").write_text(result.stdout + result.stderr)
+        assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+        roots[strategy] = paths
+        return paths
+
+    return get
+
+
+@pytest.mark.parametrize(("strategy", "engine"), CASES)
+def test_scale_out_two_ranks_match_one_process(strategy, engine, launched, single):
+    ranks, one = launched(strategy)[engine], single(engine)
+    got, expected = epoch_metrics(ranks), epoch_metrics(one)
+    assert list(got.index) == [0, 1]
+    assert set(expected.columns) <= set(got.columns)
+    pd.testing.assert_frame_equal(got[expected.columns], expected.loc[[0, 1]], check_exact=False,
+                                  rtol=1e-4, atol=1e-6)
+    assert (got["rollout/sync_logp_diff_max"] < 1e-3).all(), "an engine missed a weight sync"
+    assert got["train/ratio/max"].max() > 1.0, "several steps per rollout move the ratio"
+    for name in ("train/region/IN", "train/region/LN", "train/region/HP"):
+        assert got[name].between(0, 1).all(), name  # token-weighted fractions, exactly reduced
+
+
+@pytest.mark.parametrize(("strategy", "engine"), CASES)
+def test_scale_out_first_step_gradient_equals_one_process_on_same_batch(strategy, engine,
+                                                                        launched,
+                                                                        tiny_model_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dump = torch.load(launched(strategy)[engine] / "first_step.pt", weights_only=False)
+    assert dump["world_size"] == 2
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).train()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = collate_samples([dump["samples"][i] for i in dump["indices"]], pad)
+    mask = batch["response_mask"]
+    logp, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], mask,
+                                with_entropy=False)
+    out = DGPOLoss()(logp, batch["old_logp"], batch["advantages"], mask,
+                     num_tokens=mask.sum(), num_sequences=mask.shape[0])
+    out.loss.backward()
+    assert math.isclose(dump["loss"], float(out.loss), rel_tol=1e-4, abs_tol=1e-6)
+    expected = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert set(dump["grads"]) == set(expected)
+    assert any(g.abs().sum() > 0 for g in expected.values())
+    for name, grad in expected.items():
+        torch.testing.assert_close(dump["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("strategy", "engine"), CASES)
+def test_scale_out_checkpoint_resumes_the_same_curve(strategy, engine, launched, single):
+    ranks, one = launched(strategy)[engine], single(engine)
+    last = ranks / "checkpoints" / "last.ckpt"
+    sharded = (strategy, engine) in {("fsdp", "transformers"), ("fsdp2", "transformers")}
+    assert last.is_dir() if sharded else last.is_file()
+    got, expected = epoch_metrics(ranks, version=1), epoch_metrics(one)
+    assert list(got.index) == [2], "the resumed run trains epoch 3, not zero steps"
+    pd.testing.assert_frame_equal(got[expected.columns], expected.loc[[2]], check_exact=False,
+                                  rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@requires_vllm
+def test_scale_out_tiny_fsdp_cpu_config_runs_as_documented(tmp_path):
+    """``python -m dgpo fit --config configs/tiny_fsdp_cpu.yaml``: Lightning starts rank 1."""
+    command = [sys.executable, "-m", "dgpo", "fit", "--config",
+               str(REPO / "configs" / "tiny_fsdp_cpu.yaml"), "--trainer.max_epochs", "1",
+               "--trainer.default_root_dir", str(tmp_path),
+               "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    result = subprocess.run(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
+    assert (tmp_path / "tiny_fsdp_cpu" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    metrics = epoch_metrics(tmp_path)
+    assert (metrics["rollout/sync_logp_diff_max"] < 1e-3).all()

@@ -1,0 +1,114 @@
+"""The CPU FSDP and FSDP2 strategies, and full-weight gathering, on one gloo rank."""
+
+import lightning.pytorch.strategies.fsdp as lightning_fsdp
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+from dgpo.distributed import full_weights
+from dgpo.module import RLVRModule
+from dgpo.strategies import (
+    CPUFSDPStrategy,
+    FSDP2Strategy,
+    _full_state_dict_context_in_place,
+    strategy_kind,
+)
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A world-size-1 gloo process group, destroyed afterwards."""
+    assert not torch.distributed.is_initialized()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}",
+                                         rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture
+def tiny_model(tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+
+
+def _assert_same_weights(got: dict, expected: dict) -> None:
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_cpu_fsdp_strategy_runs_on_the_cpu_accelerator():
+    with pytest.raises(ValueError, match="requires a GPU accelerator"):
+        Trainer(accelerator="cpu", devices=2, strategy=FSDPStrategy(), logger=False)
+    trainer = Trainer(accelerator="cpu", devices=2, strategy=CPUFSDPStrategy(), logger=False)
+    assert strategy_kind(trainer.strategy) == "fsdp1"
+
+
+def test_cpu_fsdp_strategy_gathers_full_state_dicts_in_place_on_cpu_only():
+    strategy = CPUFSDPStrategy()
+    strategy.parallel_devices = [torch.device("cpu")]
+    original = lightning_fsdp._get_full_state_dict_context
+    with strategy._full_state_dict_on_cpu():
+        assert lightning_fsdp._get_full_state_dict_context is _full_state_dict_context_in_place
+    assert lightning_fsdp._get_full_state_dict_context is original
+
+
+def test_strategy_kind_names_how_parameters_are_held():
+    assert strategy_kind(CPUFSDPStrategy()) == "fsdp1"
+    assert strategy_kind(FSDP2Strategy()) == "fsdp2"
+    assert strategy_kind(None) == "replicated"
+
+
+def test_fsdp2_strategy_rejects_unknown_dtypes():
+    with pytest.raises(ValueError, match="param_dtype must be one of"):
+        FSDP2Strategy(param_dtype="fp8")
+
+
+def test_fsdp1_full_weights_gathers_every_unit_with_hf_names(one_rank, tiny_model):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    expected = {name: t.clone() for name, t in tiny_model.state_dict().items()}
+    wrapped = FullyShardedDataParallel(tiny_model, device_id=torch.device("cpu"),
+                                       use_orig_params=True,
+                                       auto_wrap_policy=ModuleWrapPolicy({Qwen2DecoderLayer}))
+    assert len(FullyShardedDataParallel.fsdp_modules(wrapped)) == 3  # root + 2 decoder layers
+    _assert_same_weights(dict(full_weights(wrapped)), expected)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fsdp2_strategy_shards_layers_and_full_weights_gathers_them(one_rank, tiny_model,
+                                                                   checkpointing):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    expected = {name: t.clone() for name, t in tiny_model.state_dict().items()}
+    strategy = FSDP2Strategy(activation_checkpointing=checkpointing)
+    strategy._device_mesh = init_device_mesh("cpu", (1, 1),
+                                             mesh_dim_names=("data_parallel", "tensor_parallel"))
+    strategy._shard(tiny_model)
+    assert isinstance(tiny_model, FSDPModule)
+    assert all(isinstance(p, DTensor) for p in tiny_model.parameters())
+    _assert_same_weights(dict(full_weights(tiny_model)), expected)
+
+
+def test_fsdp2_strategy_needs_a_layer_class(one_rank):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    strategy = FSDP2Strategy(layer_classes=["NoSuchLayer"])
+    strategy._device_mesh = init_device_mesh("cpu", (1, 1),
+                                             mesh_dim_names=("data_parallel", "tensor_parallel"))
+    with pytest.raises(ValueError, match="found no module of the classes"):
+        strategy._shard(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_module_refuses_a_model_parallel_strategy_that_shards_nothing(tiny_model_path):
+    module = RLVRModule(tiny_model_path)
+    module.trainer = Trainer(accelerator="cpu", devices=1, logger=False,
+                             strategy=ModelParallelStrategy(tensor_parallel_size=1))
+    with pytest.raises(ValueError, match="use trainer.strategy: dgpo.strategies.FSDP2Strategy"):
+        module.configure_model()
