@@ -139,7 +139,8 @@ def train_runs(methods: Sequence[str] = ("grpo", "gppo", "dgpo"), preset: str = 
         epochs: epochs per run; defaults to the preset's.
         recorder: init_args of the recorder; defaults to :data:`DEFAULT_RECORDER`.
         overrides: dotted config changes applied to every run (see :func:`experiment_config`).
-        reuse: skip a run whose folder already holds a recording made from the same config.
+        reuse: skip a run whose folder already holds a finished recording made from the same
+            config.
         in_process: train in this process (``dgpo.cli.main``); ``False`` runs
             ``python -m dgpo fit`` in a subprocess, its output in ``<root>/<method>.log``.
 
@@ -157,8 +158,7 @@ def train_runs(methods: Sequence[str] = ("grpo", "gppo", "dgpo"), preset: str = 
         text = yaml.safe_dump(config, sort_keys=False)
         path = root / f"{method}.yaml"
         folder = run_dir(root, method)
-        done = all((folder / name).is_file() for name in (RECORDING, "metrics.csv"))
-        if reuse and done and path.is_file() and path.read_text() == text:
+        if reuse and _finished(folder) and path.is_file() and path.read_text() == text:
             print(f"{method}: reusing {folder}")
             folders[method] = folder
             continue
@@ -176,6 +176,15 @@ def train_runs(methods: Sequence[str] = ("grpo", "gppo", "dgpo"), preset: str = 
                                check=True, stdout=log, stderr=subprocess.STDOUT)
         folders[method] = folder
     return folders
+
+
+def _finished(folder: Path) -> bool:
+    """Whether the folder holds the logs and the recording of a run that trained to the end."""
+    if not (folder / "metrics.csv").is_file() or not (folder / RECORDING).is_file():
+        return False
+    from dgpo.analysis.load import read_meta
+
+    return bool(read_meta(folder).get("finished"))
 
 
 def _set(config: dict[str, Any], dotted: str, value: Any) -> None:

@@ -39,7 +39,8 @@ class GradientWeightRecorder(Callback):
 
     The file, ``<dirpath>/<filename>`` (Parquet; ``dirpath`` defaults to ``trainer.log_dir``, the
     run's folder with ``metrics.csv`` and LightningCLI's ``config.yaml``), is rewritten at the end
-    of every epoch, so an interrupted run keeps what it recorded. Beside it, ``<stem>.json`` holds
+    of every epoch, so an interrupted run keeps what it recorded (its metadata says
+    ``"finished": false`` until training ends). Beside it, ``<stem>.json`` holds
     the metadata (also in the Parquet schema under the key ``dgpo``): trained loss and compared
     methods with their hyper-parameters, the module's hyper-parameters, settings, counts, the
     column descriptions and the name of the run's config file when there is one.
@@ -110,7 +111,7 @@ class GradientWeightRecorder(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:
-            self._write(trainer, pl_module)
+            self._write(trainer, pl_module, finished=True)
             rank_zero_info(f"GradientWeightRecorder: {len(self._reservoir)} tokens of "
                            f"{self._valid_tokens} in {self.path}")
 
@@ -165,7 +166,7 @@ class GradientWeightRecorder(Callback):
         self._reservoir.add(batch)
 
     # --------------------------------------------------------------------------------- writing
-    def _write(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _write(self, trainer: Trainer, pl_module: LightningModule, finished: bool = False) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -181,14 +182,15 @@ class GradientWeightRecorder(Callback):
                   for name, column in columns.items()}
         table = pa.table({name: (pa.array(value).dictionary_encode() if name == "region"
                                  else pa.array(value)) for name, value in arrays.items()})
-        meta = self._metadata(pl_module, folder, len(order))
+        meta = self._metadata(pl_module, folder, len(order), finished)
         table = table.replace_schema_metadata({"dgpo": json.dumps(meta, default=str)})
         partial = self.path.with_name(self.path.name + ".partial")
         pq.write_table(table, partial)
         os.replace(partial, self.path)
         self.path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
-    def _metadata(self, pl_module: LightningModule, folder: Path, rows: int) -> dict[str, Any]:
+    def _metadata(self, pl_module: LightningModule, folder: Path, rows: int,
+                  finished: bool) -> dict[str, Any]:
         assert self._loss is not None
         columns = dict(COLUMNS)
         columns.update({METHOD_PREFIX + name: f"W on grad(pi) that {name} would have applied"
@@ -204,6 +206,7 @@ class GradientWeightRecorder(Callback):
             "tokens_per_step": self.tokens_per_step,
             "max_rows": self.max_rows,
             "seed": self.seed,
+            "finished": finished,
             "rows": rows,
             "steps": self._steps,
             "tokens_drawn": self._reservoir.seen,

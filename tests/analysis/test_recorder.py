@@ -31,6 +31,7 @@ def test_recorder_file_has_the_documented_columns_and_metadata(tmp_path):
     assert set(meta["columns"]) == set(EXPECTED)
     assert meta["method"] == "dgpo" and meta["loss"]["init_args"]["n"] == 1.0
     assert meta["rows"] == table.num_rows == 8 * 16 and meta["steps"] == 8
+    assert meta["finished"] is True
     run = load_run(tmp_path)
     assert list(run.tokens["region"].cat.categories) == list(REGION_NAMES)
     assert run.method == "dgpo" and run.methods == list(LOSSES)
