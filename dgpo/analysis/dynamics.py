@@ -69,6 +69,7 @@ def plot_dynamics(runs: Sequence[str | Path], labels: Sequence[str] | None = Non
         ValueError: when ``labels`` and ``runs`` differ in length, or there are no runs.
     """
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     if not runs:
         raise ValueError("plot_dynamics needs at least one run folder")
@@ -90,6 +91,7 @@ def plot_dynamics(runs: Sequence[str | Path], labels: Sequence[str] | None = Non
                     label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch (rollout)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.25)
         if used:
             ax.set_ylabel(used, fontsize=8)

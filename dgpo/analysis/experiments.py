@@ -8,8 +8,8 @@ Two presets, the same for every method except the loss:
   large learning rate so that many tokens leave the trust region. Seconds per run: for tests.
 - ``"cpu"``: ``builtin:smollm2-135m-instruct`` learning to add two numbers with the vLLM engine and
   the math-verify reward (as ``configs/quickstart.yaml``): 8 prompts × 8 samples per rollout, 4
-  mini-batches of 16, two passes (8 optimiser steps per rollout), lr 2e-5, 3 rollouts. A few
-  minutes per run on a quiet 2-core CPU.
+  mini-batches of 16, two passes (8 optimiser steps per rollout), lr 2e-5, 3 rollouts. 21–24
+  minutes per run measured on a busy shared 2-core CPU; less on an idle one.
 
 Example:
     >>> runs = train_runs(["grpo", "gppo", "dgpo"], preset="tiny", root="runs/figures")
