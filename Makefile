@@ -29,7 +29,7 @@ test: install
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check dgpo tests
+	$(VENV)/bin/ruff check dgpo tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,4 +1,7 @@
-"""Crash-safe checkpoint files and the RNG state that makes a resumed run continue the same curve."""
+"""Crash-safe checkpoint files and the RNG state.
+
+It is the RNG state that makes a resumed run continue the same curve.
+"""
 
 from __future__ import annotations
 

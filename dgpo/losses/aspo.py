@@ -14,9 +14,10 @@ class ASPOLoss(PolicyLoss):
     """Flips the IS ratio of positive-advantage tokens and soft dual-clips both sides.
 
     For ``A < 0`` the surrogate is PPO's (hard clip on LN: no gradient below ``1−ε_l``) with a soft
-    dual-clip above ``c`` (``−A · sg(c) · log π``: gradient ``c ∇ log π``). For ``A > 0`` the ratio is
-    flipped: forward value ``1/r`` with gradient ``(1/r) ∇ log π`` (weight ``π_old/π²`` on ``∇π``), hard
-    clipped on HP (no gradient above ``1+ε_h``) and soft dual-clipped once ``1/r > c``.
+    dual-clip above ``c`` (``−A · sg(c) · log π``: gradient ``c ∇ log π``). For ``A > 0`` the ratio
+    is flipped: forward value ``1/r`` with gradient ``(1/r) ∇ log π`` (weight ``π_old/π²`` on
+    ``∇π``), hard clipped on HP (no gradient above ``1+ε_h``) and soft dual-clipped once
+    ``1/r > c``.
 
     Args:
         clip_low: ε_l in (0, 1).

@@ -87,9 +87,11 @@ def aggregate(token_loss: Tensor, mask: Tensor, agg: str, num_tokens: int | Tens
         mask: 1 for valid response tokens, ``(B, T)``.
         agg: ``"token-mean"`` (sum over the valid tokens of the global batch / their count),
             ``"seq-mean-token-mean"`` (mean over sequences of their token mean) or
-            ``"seq-mean-token-sum-norm"`` (Dr. GRPO: token sum / ``norm_length``, mean over sequences).
-        num_tokens: global number of valid tokens (token-mean); defaults to ``mask.sum()``. Pass it
-            when a batch is split into micro-batches or ranks so the result does not depend on the split.
+            ``"seq-mean-token-sum-norm"`` (Dr. GRPO: token sum / ``norm_length``, mean over
+            sequences).
+        num_tokens: global number of valid tokens (token-mean); defaults to ``mask.sum()``.
+            Pass it when a batch is split into micro-batches or ranks so the result does not
+            depend on the split.
         num_sequences: global number of sequences (seq-mean modes); defaults to ``B``.
         norm_length: the constant length of Dr. GRPO's normaliser; defaults to ``T``.
 
@@ -119,7 +121,10 @@ def ratio_from_logp(logp: Tensor, old_logp: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def with_gradient_of(value: Tensor | float, log_ratio: Tensor) -> Tensor:
-    """``value · r / sg(r)``: forward value ``value``, gradient ``value · ∇ log π`` (GPPO's trick)."""
+    """``value · r / sg(r)``: forward value ``value``, gradient ``value · ∇ log π``.
+
+    This is GPPO's trick.
+    """
     return value * torch.exp(log_ratio - log_ratio.detach())
 
 
@@ -141,7 +146,8 @@ class PolicyLoss(ABC):
 
     Example:
         >>> loss_fn = DGPOLoss(n=2, m=2)  # doctest: +SKIP
-        >>> out = loss_fn(logp, old_logp, advantages, mask, num_tokens=global_count)  # doctest: +SKIP
+        >>> out = loss_fn(logp, old_logp, advantages, mask,
+        ...               num_tokens=global_count)  # doctest: +SKIP
         >>> out.loss.backward()  # doctest: +SKIP
     """
 
@@ -166,7 +172,9 @@ class PolicyLoss(ABC):
         """Per-token surrogate to minimise, ``(B, T)``; ``advantages`` is already ``(B, T)``."""
 
     def prob_weight(self, ratio: Tensor, old_prob: Tensor, advantages: Tensor) -> Tensor:
-        """Analytic weight W on ``∇π`` per token: ``∇ objective = A · W · ∇π``, same shape as ``ratio``.
+        """Analytic weight W on ``∇π`` per token: ``∇ objective = A · W · ∇π``.
+
+        It has the same shape as ``ratio``.
 
         Raises:
             NotImplementedError: for a loss that does not state its weight (it still trains).

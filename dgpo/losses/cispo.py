@@ -9,7 +9,9 @@ from dgpo.losses.base import Aggregation, PolicyLoss, ratio_from_logp
 
 
 class CISPOLoss(PolicyLoss):
-    """REINFORCE weighted by a clipped, stop-gradient IS ratio: ``−sg(clip(r, 1−ε_l, 1+ε_h)) · A · log π``.
+    """REINFORCE weighted by a clipped, stop-gradient IS ratio.
+
+    The surrogate is ``−sg(clip(r, 1−ε_l, 1+ε_h)) · A · log π``.
 
     Every token keeps a gradient; outside the trust region its weight on ``∇π`` is
     ``(1−ε_l)/π`` or ``(1+ε_h)/π``, which diverges as π → 0. MiniMax-M1 effectively has no lower

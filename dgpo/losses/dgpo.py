@@ -15,9 +15,9 @@ class DGPOLoss(PolicyLoss):
 
     Past the left boundary with ``A < 0`` (LN) the weight on ``∇π`` decays to 0 as ``C_left · π^n``
     instead of diverging like ``1/π`` (CISPO, GPPO); past the right boundary with ``A > 0`` (HP) it
-    decays gently as ``C_right · π^(−1/m)``. The constants make the weight continuous (``1/π_old``) at
-    both boundaries. Inside, and on the lagging regions (LP, HN), the surrogate is ``−A · r``, with no
-    min/max and no dual-clip. This is the official surrogate, token by token:
+    decays gently as ``C_right · π^(−1/m)``. The constants make the weight continuous (``1/π_old``)
+    at both boundaries. Inside, and on the lagging regions (LP, HN), the surrogate is ``−A · r``,
+    with no min/max and no dual-clip. This is the official surrogate, token by token:
 
     - LN: ``−A · exp(log π + n·sg(log π) − (n+1)·log π_old) / (1−ε_l)^n``
     - HP: ``−A · exp(log π + log(1+ε_h)/m − log π_old·(m−1)/m − sg(log π)/m)``

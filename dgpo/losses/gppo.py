@@ -25,8 +25,8 @@ class GPPOLoss(PolicyLoss):
 
     On LN the surrogate is ``−A · β1(1−ε_l) · r/sg(r)`` and on HP ``−A · β2(1+ε_h) · r/sg(r)``:
     the forward value is PPO's clipped value, the gradient is ``β(1∓ε) ∇ log π``, i.e. a weight
-    ``β(1∓ε)/π`` on ``∇π`` that diverges as π → 0. Elsewhere ``−A · r``, with dual-clip for ``A < 0``.
-    GPPO is ``β1 = β2 = 1``; :class:`~dgpo.losses.CEGPPOLoss` exposes the betas.
+    ``β(1∓ε)/π`` on ``∇π`` that diverges as π → 0. Elsewhere ``−A · r``, with dual-clip
+    for ``A < 0``. GPPO is ``β1 = β2 = 1``; :class:`~dgpo.losses.CEGPPOLoss` exposes the betas.
 
     Args:
         clip_low: ε_l in (0, 1).

@@ -1,4 +1,7 @@
-"""GRPO / PPO clipped surrogate with dual-clip (Shao et al. 2024, arXiv 2402.03300; Ye et al. 2020)."""
+"""GRPO / PPO clipped surrogate with dual-clip.
+
+Shao et al. 2024, arXiv 2402.03300; Ye et al. 2020.
+"""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ from dgpo.losses.base import PolicyLoss, ratio_from_logp
 class PGLoss(PolicyLoss):
     """Importance-sampled policy gradient without any clipping: ``−A · r`` on every token.
 
-    Its weight on ``∇π`` is the constant ``W = 1/π_old`` (``g = r`` on ``∇ log π``). ``clip_low`` and
-    ``clip_high`` only define the regions reported in the metrics.
+    Its weight on ``∇π`` is the constant ``W = 1/π_old`` (``g = r`` on ``∇ log π``). ``clip_low``
+    and ``clip_high`` only define the regions reported in the metrics.
 
     Example:
         >>> loss_fn = PGLoss()

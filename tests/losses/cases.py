@@ -40,7 +40,11 @@ def make_loss(case: str):
 
 
 def region_batch(per_region: int = 8, seed: int = 0, dtype=torch.float64):
-    """Tokens whose ratios cover every region; returns logp, old_logp, advantages (B, T) and labels."""
+    """Tokens whose ratios cover every region.
+
+    Returns:
+        logp, old_logp, advantages (B, T) and labels.
+    """
     g = torch.Generator().manual_seed(seed)
     ratios, signs = [], []
     for _, sign, (low, high) in REGION_SAMPLES:

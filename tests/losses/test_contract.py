@@ -152,7 +152,9 @@ def test_loss_invalid_hyperparameters_raise(name, kwargs, message):
 
 
 def test_build_loss_unknown_name_lists_known_ones():
-    with pytest.raises(ValueError, match="known losses: pg, grpo, cispo, gppo, ce_gppo, aspo, dgpo"):
+    with pytest.raises(
+        ValueError, match="known losses: pg, grpo, cispo, gppo, ce_gppo, aspo, dgpo"
+    ):
         build_loss("ppo")
 
 

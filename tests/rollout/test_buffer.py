@@ -31,10 +31,12 @@ def test_rollout_buffer_serves_ppo_epochs_of_shuffled_mini_batches():
     second_pass = sorted(torch.cat([b["advantages"] for b in batches[2:]]).tolist())
     assert first_pass == second_pass == [float(i) for i in range(8)]
     again = list(buffer.dataloader())
-    assert all(torch.equal(a["advantages"], b["advantages"]) for a, b in zip(batches, again))
+    assert all(torch.equal(a["advantages"], b["advantages"])
+               for a, b in zip(batches, again, strict=True))
     buffer.fill(buffer.samples, epoch=1)
     other = list(buffer.dataloader())
-    assert not all(torch.equal(a["advantages"], b["advantages"]) for a, b in zip(batches, other))
+    assert not all(torch.equal(a["advantages"], b["advantages"])
+                   for a, b in zip(batches, other, strict=True))
 
 
 def test_rollout_buffer_rejects_sizes_that_do_not_divide():
