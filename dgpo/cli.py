@@ -12,7 +12,18 @@ from dgpo.module import RLVRModule
 
 
 class DGPOCLI(LightningCLI):
-    """LightningCLI for dgpo: the RLVR module and data module, seeds and config saving."""
+    """LightningCLI for dgpo: the RLVR module and data module, seeds and config saving.
+
+    ``validate``/``test``/``predict`` with ``--ckpt_path`` take only the weights from the
+    checkpoint: the config and the command line say how to evaluate. (LightningCLI would
+    otherwise parse the checkpoint's hyperparameters over them, silently replacing, e.g.,
+    ``--model.evaluation.k`` with the training run's value.) ``fit --ckpt_path`` resumes with the
+    checkpoint's hyperparameters, as LightningCLI does.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        if self.config.get("subcommand") in (None, "fit"):
+            super()._parse_ckpt_path()
 
 
 def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DGPOCLI:

@@ -95,7 +95,9 @@ def test_cli_fit_validates_every_k_epochs_then_tests_the_checkpoint(tmp_path, ti
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
     config["trainer"]["callbacks"][0]["init_args"]["reward"] = {
         "class_path": "tests.plugins.DigitFractionReward"}
-    config["model"].update({"model_name_or_path": tiny_model_path, "evaluation": EVALUATION})
+    # the checkpoint's evaluation settings (k = 2) must not override the test config's (k = 4)
+    config["model"].update({"model_name_or_path": tiny_model_path,
+                            "evaluation": {**EVALUATION, "k": 2, "pass_k": [1, 2]}})
     config["data"].update({"benchmarks": benchmarks(tmp_path), "eval_batch_size": 2})
     path = tmp_path / "fit.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -103,7 +105,7 @@ def test_cli_fit_validates_every_k_epochs_then_tests_the_checkpoint(tmp_path, ti
 
     (directory,) = tmp_path.glob("tiny/version_*")
     frame = pd.read_csv(directory / "metrics.csv")
-    validated = frame.dropna(subset=["val/mean/avg@4"])
+    validated = frame.dropna(subset=["val/mean/avg@2"])
     assert list(validated["epoch"]) == [1], "validation runs every 2nd epoch only"
     assert not (directory / "results.json").exists(), "fit logs; it writes no results table"
 
