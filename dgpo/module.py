@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torch.distributed.fsdp.wrap import wrap
 
+from dgpo.batching import has_dropout, micro_batches, resolve_old_logp
 from dgpo.checkpoint import restore_rng_states, rng_states
 from dgpo.distributed import TokenMeans, call_in_forward, full_weights
 from dgpo.evaluation.benchmarks import BenchmarkBatch
@@ -66,8 +67,14 @@ class RLVRModule(LightningModule):
         micro_batch_size: sequences per forward/backward pass.
         dtype: dtype of the policy's weights.
         logprob_chunk_size: tokens projected through the LM head at once (see :mod:`dgpo.logprobs`).
+        logprob_keep_gib: log-softmax chunks (float32) of up to this many GiB per micro-batch are
+            kept for the backward pass; the rest are recomputed there (``0``: least memory).
+        share_prompts: run each distinct prompt of a micro-batch through the model once, its KV
+            cache shared by the group's samples (same numbers; skipped with gradient
+            checkpointing or a sharded policy). Micro-batches then keep groups together.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
-        attn_implementation: passed to ``from_pretrained`` (e.g. ``"sdpa"``, ``"flash_attention_2"``).
+        attn_implementation: passed to ``from_pretrained`` (e.g. ``"sdpa"`` or
+            ``"flash_attention_2"``).
         evaluation: sampling and scoring of validation and test (``k``, ``temperature``, ...);
             see :class:`~dgpo.evaluation.EvalConfig` for the defaults (the paper's).
 
@@ -83,7 +90,8 @@ class RLVRModule(LightningModule):
                  min_lr_ratio: float = 0.0, max_grad_norm: float | None = 1.0,
                  kl_coef: float = 0.0, entropy_coef: float = 0.0, micro_batch_size: int = 8,
                  dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-                 logprob_chunk_size: int = 1024, gradient_checkpointing: bool = False,
+                 logprob_chunk_size: int = 1024, logprob_keep_gib: float = 1.0,
+                 share_prompts: bool = True, gradient_checkpointing: bool = False,
                  attn_implementation: str | None = None,
                  evaluation: EvalConfig | None = None) -> None:
         super().__init__()
@@ -104,6 +112,8 @@ class RLVRModule(LightningModule):
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if max_grad_norm is not None:
             _check_positive("max_grad_norm", max_grad_norm)
+        if not logprob_keep_gib >= 0:
+            raise ValueError(f"logprob_keep_gib must be >= 0, got {logprob_keep_gib!r}")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         if dtype not in DTYPES:
@@ -169,6 +179,21 @@ class RLVRModule(LightningModule):
         """Whether the policy's parameters are sharded over ranks (FSDP1 or FSDP2)."""
         return self._trainer is not None and strategy_kind(self.trainer.strategy) != "replicated"
 
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether log-probs run each distinct prompt once (``share_prompts``, when it applies)."""
+        return (self.hparams.share_prompts and not self.hparams.gradient_checkpointing
+                and not self.sharded)
+
+    @property
+    def can_defer_old_logp(self) -> bool:
+        """Whether the first mini-batch's training log-probs can serve as its behaviour log-probs.
+
+        True without dropout (train- and eval-mode forward passes agree) on an unsharded policy.
+        The rollout callback then scores only the other mini-batches' samples.
+        """
+        return self.policy is not None and not self.sharded and not has_dropout(self.policy)
+
     def named_weights_for_engine(self) -> Iterator[tuple[str, Tensor]]:
         """The policy's full weights by Hugging Face name, one tensor at a time, for the engine.
 
@@ -190,7 +215,8 @@ class RLVRModule(LightningModule):
         return call_in_forward(model, lambda inner: sequence_logprobs(
             inner, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
             temperature=temperature, chunk_size=self.hparams.logprob_chunk_size,
-            with_entropy=with_entropy))
+            with_entropy=with_entropy, keep_gib=self.hparams.logprob_keep_gib,
+            share_prompts=self.shares_prompts))
 
     @torch.no_grad()
     def score_samples(self, samples: list[RolloutSample], reference: bool = False,
@@ -198,23 +224,25 @@ class RLVRModule(LightningModule):
         """Log-probs of each sample's response tokens under the policy (or the reference model).
 
         ``temperature`` defaults to the sampling temperature (:attr:`temperature`). Runs in eval
-        mode in micro-batches sorted by length; returns one float32 CPU tensor per sample, in the
-        input order. Under FSDP every rank must call it with as many samples (a collective).
+        mode in micro-batches sorted by length (groups together when prompts are shared); returns
+        one float32 CPU tensor per sample, in the input order. Under FSDP every rank must call it
+        with as many samples (a collective).
         """
         model = self.reference if reference else self.policy
         assert model is not None, "the model is not loaded (configure_model) or kl_coef is 0"
         was_training = model.training
         model.eval()
         pad = self.tokenizer.pad_token_id or 0
-        order = sorted(range(len(samples)), key=lambda i: -len(samples[i].response_ids)
-                       - len(samples[i].prompt_ids))
         out: list[Tensor] = [torch.empty(0)] * len(samples)
-        for start in range(0, len(order), self.hparams.micro_batch_size):
-            rows = order[start:start + self.hparams.micro_batch_size]
-            batch = self._to_device(collate_samples([samples[i] for i in rows], pad))
-            logp, _ = self._logprobs(model, batch, with_entropy=False, temperature=temperature)
-            for row, index in enumerate(rows):
-                out[index] = logp[row][batch["response_mask"][row]].float().cpu()
+        if not samples:
+            return out
+        batch = collate_samples(samples, pad)
+        for rows, micro in micro_batches(batch, self.hparams.micro_batch_size,
+                                         by_group=self.shares_prompts):
+            micro = self._to_device(micro)
+            logp, _ = self._logprobs(model, micro, with_entropy=False, temperature=temperature)
+            for row, index in enumerate(rows.tolist()):
+                out[index] = logp[row][micro["response_mask"][row]].float().cpu()
         model.train(was_training)
         return out
 
@@ -237,12 +265,18 @@ class RLVRModule(LightningModule):
         # DDP/FSDP average gradients over ranks; the loss is already normalised globally.
         scale = float(self.trainer.world_size)
         diagnostics = {key: torch.zeros_like(mask, dtype=torch.float32)
-                       for key in ("ratio", "logp", "prob_weight", "entropy")}
+                       for key in ("ratio", "logp", "prob_weight", "entropy", "old_logp")}
+        deferred = batch.get("defer_old_logp")
+        if deferred is not None and deferred.any() and batch_idx != 0:
+            raise RuntimeError(f"mini-batch {batch_idx} defers its behaviour log-probs to the "
+                               "training pass, which is exact only before the first update")
         total_loss = torch.zeros((), device=self.device)
-        for rows, micro in self._micro_batches(batch):
+        for rows, micro in micro_batches(batch, self.hparams.micro_batch_size,
+                                         by_group=self.shares_prompts):
             logp, entropy = self._logprobs(self.policy, micro, with_entropy=True)
             micro_mask = micro["response_mask"]
-            out = self.loss_fn(logp, micro["old_logp"], micro["advantages"], micro_mask,
+            old_logp = resolve_old_logp(micro["old_logp"], logp, micro.get("defer_old_logp"))
+            out = self.loss_fn(logp, old_logp, micro["advantages"], micro_mask,
                                num_tokens=num_tokens, num_sequences=mask.shape[0])
             loss = out.loss
             token_count = micro_mask.sum().clamp(min=1)
@@ -257,7 +291,7 @@ class RLVRModule(LightningModule):
             self._log_micro(out.metrics, entropy, micro_mask, int(token_count))
             width = logp.shape[1]
             for key, value in (("ratio", out.ratio), ("logp", logp), ("entropy", entropy),
-                               ("prob_weight", out.prob_weight)):
+                               ("prob_weight", out.prob_weight), ("old_logp", old_logp)):
                 if value is not None:
                     diagnostics[key][rows, :width] = value.detach().float() * micro_mask
         grad_norm = self._clip_gradients()
@@ -276,27 +310,12 @@ class RLVRModule(LightningModule):
             "loss": total_loss,
             "mask": mask,
             "advantages": batch["advantages"][:, None].expand_as(mask) * mask,
-            "old_logp": batch["old_logp"],
+            "old_logp": diagnostics["old_logp"],
             "ratio": diagnostics["ratio"],
             "logp": diagnostics["logp"],
             "entropy": diagnostics["entropy"],
             "prob_weight": diagnostics["prob_weight"] if self.loss_fn.states_prob_weight else None,
         }
-
-    def _micro_batches(self, batch: dict[str, Tensor]) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-        """Split a mini-batch into length-sorted micro-batches trimmed to their longest row."""
-        lengths = batch["attention_mask"].sum(-1)
-        order = torch.argsort(lengths, descending=True)
-        size = self.hparams.micro_batch_size
-        for start in range(0, order.numel(), size):
-            rows = order[start:start + size]
-            width = int(lengths[rows].max())
-            micro = {key: (value[rows] if value.dim() == 1 else value[rows, :width])
-                     for key, value in batch.items() if key != "response_mask"}
-            micro["response_mask"] = batch["response_mask"][rows, :max(width - 1, 0)]
-            for key in ("old_logp", "ref_logp"):
-                micro[key] = batch[key][rows, :max(width - 1, 0)]
-            yield rows, micro
 
     def _log_micro(self, metrics: dict[str, Tensor], entropy: Tensor, mask: Tensor,
                    tokens: int) -> None:

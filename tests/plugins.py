@@ -5,6 +5,8 @@ from lightning.pytorch import Callback
 from torch import Tensor
 
 from dgpo.losses import PolicyLoss
+from dgpo.module import RLVRModule
+from dgpo.rollout import TransformersEngine
 
 
 class DigitFractionReward:
@@ -93,3 +95,27 @@ def _full_gradients(model: torch.nn.Module) -> dict[str, Tensor]:
             grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
             grads[clean_name(name)] = grad.detach().clone()
     return grads
+
+
+class ScoringCountModule(RLVRModule):
+    """Records how many samples each behaviour-log-prob scoring call gets; ``defer = False``
+    refuses deferring the first mini-batch's behaviour log-probs to its training pass."""
+
+    defer = True
+
+    @property
+    def can_defer_old_logp(self) -> bool:
+        return self.defer and super().can_defer_old_logp
+
+    def score_samples(self, samples, reference=False, temperature=None):
+        if temperature is None and not reference:  # not the sync check
+            self.__dict__.setdefault("scored", []).append(len(samples))
+        return super().score_samples(samples, reference=reference, temperature=temperature)
+
+
+class StaleEngine(TransformersEngine):
+    """A private-copy engine that ignores weight pushes: the sync check must catch it."""
+
+    def load_weights(self, named_tensors) -> None:
+        for _ in named_tensors:  # consume the iterator (a collective under FSDP), keep nothing
+            pass

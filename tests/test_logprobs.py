@@ -29,8 +29,65 @@ def test_token_logprobs_match_naive_values_and_gradients(chunk_size, temperature
                                     (hidden, weight))
     torch.testing.assert_close(logp, ref_logp.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy, ref_entropy.float(), rtol=1e-5, atol=1e-5)
-    for got, want in zip(grads, ref_grads):
+    for got, want in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_entropy", [True, False])
+def test_token_logprobs_gradients_with_bias_and_independent_upstreams(use_entropy):
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(40, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(33, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(33, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 33, (40,), generator=g)
+    up_logp, up_entropy = torch.randn(2, 40, generator=g, dtype=torch.float64)
+
+    def objective(logp, entropy):
+        return (logp * up_logp).sum() + ((entropy * up_entropy).sum() if use_entropy else 0)
+
+    # 5 chunks of 9 x 33 floats: keep the first 2, recompute the other 3
+    logp, entropy = token_logprobs(hidden, weight, targets, bias=bias, chunk_size=9,
+                                   temperature=0.7, keep_gib=2.5 * 9 * 33 * 4 / 2**30)
+    grads = torch.autograd.grad(objective(logp, entropy), (hidden, weight, bias))
+    logits = (hidden @ weight.T + bias) / 0.7
+    logp_all = torch.log_softmax(logits, -1)
+    ref = (logp_all.gather(-1, targets[:, None]).squeeze(-1),
+           -(logp_all.exp() * logp_all).sum(-1))
+    ref_grads = torch.autograd.grad(objective(*ref), (hidden, weight, bias))
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_token_logprobs_saves_no_vocabulary_sized_tensor_for_backward():
+    hidden = torch.randn(64, 8, requires_grad=True)
+    weight = torch.randn(1000, 8, requires_grad=True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logp, entropy = token_logprobs(hidden, weight, torch.zeros(64, dtype=torch.long),
+                                       chunk_size=16, keep_gib=0)
+    (logp.sum() + entropy.sum()).backward()
+    assert max(saved) == weight.numel()  # the head itself; nothing of size tokens × vocab
+    assert hidden.grad is not None and weight.grad is not None
+
+
+def test_token_logprobs_keeps_whole_chunks_within_its_budget():
+    hidden = torch.randn(64, 8, requires_grad=True)
+    weight = torch.randn(1000, 8, requires_grad=True)
+    saved = []
+
+    def pack(tensor):
+        saved.append(tuple(tensor.shape))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        token_logprobs(hidden, weight, torch.zeros(64, dtype=torch.long), chunk_size=16,
+                       keep_gib=3.5 * 16 * 1000 * 4 / 2**30)
+    assert saved.count((16, 1000)) == 3  # three whole chunks fit in 3.5 chunks' worth
 
 
 def test_token_logprobs_upcasts_bf16_chunks_to_float32():
@@ -71,3 +128,54 @@ def test_sequence_logprobs_match_the_full_forward_on_response_tokens():
     torch.testing.assert_close(entropy[response_mask], expected_entropy[response_mask],
                                rtol=1e-5, atol=1e-5)
     assert torch.all(logp[~response_mask] == 0)
+
+
+def grouped_batch(generator):
+    """Two prompts of different lengths with 3 samples each, one lone prompt, one empty response."""
+    prompts = [torch.randint(0, 120, (n,), generator=generator).tolist() for n in (4, 7, 5)]
+    rows = [(0, 3), (0, 6), (0, 1), (1, 5), (1, 2), (1, 0), (2, 4)]  # (prompt, response length)
+    width = max(len(prompts[p]) + r for p, r in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    response_mask = torch.zeros(len(rows), width - 1, dtype=torch.bool)
+    for i, (p, r) in enumerate(rows):
+        tokens = prompts[p] + torch.randint(0, 120, (r,), generator=generator).tolist()
+        input_ids[i, :len(tokens)] = torch.tensor(tokens)
+        attention_mask[i, :len(tokens)] = 1
+        response_mask[i, len(prompts[p]) - 1:len(tokens) - 1] = True
+    return input_ids, attention_mask, response_mask
+
+
+def test_shared_prompts_give_the_same_logprobs_and_gradients():
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=120, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+    model = Qwen2ForCausalLM(config).double().train()
+    batch = grouped_batch(torch.Generator().manual_seed(1))
+    upstream = torch.randn(2, *batch[2].shape, dtype=torch.float64)
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        logp, entropy = sequence_logprobs(model, *batch, chunk_size=4, share_prompts=share)
+        ((logp * upstream[0]).sum() + (entropy * upstream[1]).sum()).backward()
+        results.append((logp, entropy, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (logp, entropy, grads), (shared_logp, shared_entropy, shared_grads) = results
+    assert (logp[batch[2]] != 0).all()
+    torch.testing.assert_close(shared_logp, logp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(shared_entropy, entropy, rtol=1e-6, atol=1e-6)
+    for name, grad in grads.items():
+        # the head works in float32: float32 rounding, summed in another order
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_shared_prompts_fall_back_when_no_prompt_repeats():
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=120, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+    model = Qwen2ForCausalLM(config).eval()
+    input_ids, attention_mask, response_mask = (t[[0, 3, 6]] for t in
+                                                grouped_batch(torch.Generator().manual_seed(2)))
+    plain = sequence_logprobs(model, input_ids, attention_mask, response_mask)
+    shared = sequence_logprobs(model, input_ids, attention_mask, response_mask,
+                               share_prompts=True)
+    torch.testing.assert_close(shared, plain, rtol=0, atol=0)

@@ -27,6 +27,7 @@ import pytest
 import torch
 import yaml
 
+from dgpo.batching import resolve_old_logp
 from dgpo.cli import main
 from dgpo.logprobs import sequence_logprobs
 from dgpo.losses import DGPOLoss
@@ -177,7 +178,8 @@ def test_scale_out_first_step_gradient_equals_one_process_on_same_batch(strategy
     mask = batch["response_mask"]
     logp, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], mask,
                                 with_entropy=False)
-    out = DGPOLoss()(logp, batch["old_logp"], batch["advantages"], mask,
+    old_logp = resolve_old_logp(batch["old_logp"], logp, batch["defer_old_logp"])
+    out = DGPOLoss()(logp, old_logp, batch["advantages"], mask,
                      num_tokens=mask.sum(), num_sequences=mask.shape[0])
     out.loss.backward()
     assert math.isclose(dump["loss"], float(out.loss), rel_tol=1e-4, abs_tol=1e-6)

@@ -22,6 +22,9 @@ class RolloutSample:
         group: index of its prompt within the rollout batch.
         old_logp: behaviour log-probs of ``response_ids`` (filled before training).
         ref_logp: reference-model log-probs of ``response_ids`` (when a KL penalty is on).
+        defer_old_logp: the behaviour log-probs are this sample's log-probs in its training
+            forward pass: it is in the epoch's first mini-batch, which the policy that sampled it
+            trains on before any update, so a separate scoring pass would compute the same numbers.
     """
 
     prompt_ids: list[int]
@@ -31,6 +34,7 @@ class RolloutSample:
     group: int = 0
     old_logp: Tensor | None = None
     ref_logp: Tensor | None = None
+    defer_old_logp: bool = False
 
 
 def collate_samples(samples: Sequence[RolloutSample], pad_token_id: int = 0) -> dict[str, Tensor]:
@@ -38,7 +42,8 @@ def collate_samples(samples: Sequence[RolloutSample], pad_token_id: int = 0) -> 
 
     Returns a dict with ``input_ids`` and ``attention_mask`` ``(B, L)``, ``response_mask``,
     ``old_logp`` and ``ref_logp`` ``(B, L−1)`` aligned with the targets ``input_ids[:, 1:]``,
-    and ``advantages`` ``(B,)``. Missing log-probs are zeros.
+    ``advantages``, ``defer_old_logp`` and ``group`` ``(B,)`` (see :class:`RolloutSample`).
+    Missing log-probs are zeros.
     """
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     batch, length = len(samples), max(lengths, default=1)
@@ -64,6 +69,8 @@ def collate_samples(samples: Sequence[RolloutSample], pad_token_id: int = 0) -> 
         "old_logp": old_logp,
         "ref_logp": ref_logp,
         "advantages": torch.tensor([s.advantage for s in samples], dtype=torch.float32),
+        "defer_old_logp": torch.tensor([s.defer_old_logp for s in samples], dtype=torch.bool),
+        "group": torch.tensor([s.group for s in samples], dtype=torch.long),
     }
 
 
@@ -83,12 +90,13 @@ class MiniBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.buffer.steps_per_epoch
 
-    def global_batches(self) -> Iterator[list[int]]:
-        """The epoch's mini-batches over all ranks (buffer indices)."""
+    def global_batches(self, epoch: int | None = None) -> Iterator[list[int]]:
+        """The mini-batches over all ranks (buffer indices) of ``epoch`` (default: the buffer's)."""
+        epoch = self.buffer.epoch if epoch is None else epoch
         size = self.buffer.mini_batch_size
         count = len(self.buffer)
         for ppo_pass in range(self.buffer.ppo_epochs):
-            seed = (self.buffer.seed * 1_000_003 + self.buffer.epoch) * 1_009 + ppo_pass
+            seed = (self.buffer.seed * 1_000_003 + epoch) * 1_009 + ppo_pass
             generator = torch.Generator().manual_seed(seed % (2**63))
             order = torch.randperm(count, generator=generator).tolist()
             for start in range(0, count - size + 1, size):
@@ -154,6 +162,10 @@ class RolloutBuffer(Dataset):
         self.ppo_epochs = ppo_epochs
         self.pad_token_id = pad_token_id
         self.seed = seed
+
+    def first_mini_batch(self, epoch: int) -> list[int]:
+        """Buffer indices of ``epoch``'s first global mini-batch (trained on before any update)."""
+        return next(MiniBatchSampler(self).global_batches(epoch))
 
     @property
     def steps_per_epoch(self) -> int:

@@ -78,9 +78,12 @@ class RolloutCallback(Callback):
             the policy's log-probs after a weight push; a larger one raises ``RuntimeError``.
         sync_check_sequences: how many sequences the sync check scores.
         behaviour_logprobs: where π_old comes from: ``"policy"`` (a forward pass of the trainer's
-            policy over the rollout: exact, r = 1 on the first mini-batch) or ``"engine"`` (the
+            policy over the rollout: exact, r = 1 on the first mini-batch, whose π_old is taken
+            from its own training forward pass when ``ppo_epochs`` is 1) or ``"engine"`` (the
             log-probs the engine returned while sampling: no extra forward pass, but r carries the
             engine/trainer mismatch; only at temperature 1, where they are the same distribution).
+        ignore_eos: sample every response to ``max_new_tokens`` tokens, past end-of-sequence
+            (fixed work per iteration, for benchmarks; not for training).
 
     Raises:
         ValueError: for sizes that cannot work (checked before any model is loaded).
@@ -95,7 +98,8 @@ class RolloutCallback(Callback):
                  temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
                  advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo", seed: int = 0,
                  sync_tolerance: float = 0.05, sync_check_sequences: int = 2,
-                 behaviour_logprobs: Literal["policy", "engine"] = "policy") -> None:
+                 behaviour_logprobs: Literal["policy", "engine"] = "policy",
+                 ignore_eos: bool = False) -> None:
         super().__init__()
         for name, value in (("n", n), ("rollout_batch_size", rollout_batch_size),
                             ("mini_batch_size", mini_batch_size), ("ppo_epochs", ppo_epochs),
@@ -125,7 +129,8 @@ class RolloutCallback(Callback):
         self.mini_batch_size = mini_batch_size
         self.ppo_epochs = ppo_epochs
         self.sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p,
-                                       max_new_tokens=max_new_tokens, seed=seed)
+                                       max_new_tokens=max_new_tokens, seed=seed,
+                                       ignore_eos=ignore_eos)
         self.advantage = advantage
         self.seed = seed
         self.sync_tolerance = sync_tolerance
@@ -134,6 +139,8 @@ class RolloutCallback(Callback):
         self._ranks_per_engine = 1
         self._prompt_range = (0, rollout_batch_size)
         self.last_rollout: RolloutRecord | None = None
+        #: seconds per phase of the last rollout on this rank (weight_sync, generation, ...)
+        self.last_timings: dict[str, float] = {}
 
     # ----------------------------------------------------------------------------------- hooks
     @override
@@ -215,7 +222,7 @@ class RolloutCallback(Callback):
                                  response_ids=list(c.token_ids), advantage=0.0,
                                  group=c.prompt_index) for c in completions]
         start = time.perf_counter()
-        sync = self._check_sync(pl_module, samples)
+        sync = self._check_sync(pl_module, samples, completions)
         timings["sync_check"] = time.perf_counter() - start
         self.engine.sleep()
 
@@ -228,8 +235,10 @@ class RolloutCallback(Callback):
         for sample, reward in zip(samples, rewards, strict=True):
             sample.reward = float(reward)
         start = time.perf_counter()
-        self._behaviour_logprobs(pl_module, samples, completions)
+        deferrable = self._deferrable(trainer, pl_module, epoch, offset=first * self.n)
+        self._behaviour_logprobs(pl_module, samples, completions, deferrable)
         timings["logprobs"] = time.perf_counter() - start
+        self.last_timings = timings
 
         shard = _Shard(samples, completions, rewards.tolist(),
                        getattr(self.reward, "details", list)(),
@@ -246,15 +255,35 @@ class RolloutCallback(Callback):
                                           advantages.tolist(), details)
         self._log(pl_module, whole)
 
+    def _deferrable(self, trainer: Trainer, pl_module: LightningModule, epoch: int,
+                    offset: int) -> set[int]:
+        """This shard's samples whose π_old can come from their training pass (no scoring).
+
+        The epoch's first mini-batch is trained on before any update, so its training log-probs
+        are exactly the policy's behaviour log-probs — when the module says so
+        (``can_defer_old_logp``: no dropout, and a policy that is not sharded, since scoring
+        under FSDP is a collective that needs as many samples on every rank), and with one pass
+        over the buffer (later passes would need the first pass's values again).
+        """
+        if (self.behaviour_logprobs != "policy" or self.ppo_epochs > 1
+                or not getattr(pl_module, "can_defer_old_logp", False)):
+            return set()
+        return {index - offset for index in trainer.datamodule.buffer.first_mini_batch(epoch)}
+
     def _behaviour_logprobs(self, pl_module: LightningModule, samples: list[RolloutSample],
-                            completions: list[Completion]) -> None:
-        """Fill each sample's π_old (and reference) log-probs."""
+                            completions: list[Completion], deferrable: set[int]) -> None:
+        """Fill each sample's π_old (and reference) log-probs; mark the deferred ones."""
         if self.behaviour_logprobs == "engine":
             behaviour = [torch.tensor(c.logprobs, dtype=torch.float32) for c in completions]
         else:
-            behaviour = pl_module.score_samples(samples)
+            scored = [i for i in range(len(samples)) if i not in deferrable]
+            behaviour = [None] * len(samples)
+            for index, logp in zip(scored, pl_module.score_samples([samples[i] for i in scored]),
+                                   strict=True):
+                behaviour[index] = logp
         for sample, logp in zip(samples, behaviour, strict=True):
             sample.old_logp = logp
+            sample.defer_old_logp = logp is None
         if pl_module.reference is not None:
             for sample, logp in zip(samples, pl_module.score_samples(samples, reference=True),
                                     strict=True):
@@ -279,15 +308,27 @@ class RolloutCallback(Callback):
                   "count": count, "mean": sum(d["sum"] for d in diffs) / max(count, 1)},
             timings={key: max(part.timings[key] for part in parts) for key in shard.timings})
 
-    def _check_sync(self, pl_module: LightningModule, samples: list[RolloutSample]) -> dict:
-        """Compare the engine's and the policy's log-probs on a few sampled sequences."""
+    def _check_sync(self, pl_module: LightningModule, samples: list[RolloutSample],
+                    completions: list[Completion]) -> dict:
+        """Compare the engine's and the policy's log-probs on a few sampled sequences.
+
+        The engine's side is the raw log-probs it reported while sampling them (computed with the
+        weights just pushed), so the check costs one small policy forward pass; an engine that
+        reports none is asked to score the sequences.
+        """
         picked = samples[:self.sync_check_sequences]
-        engine_logp = self.engine.score([s.prompt_ids + s.response_ids for s in picked])
+        reported = [c.logprobs for c in completions[:len(picked)]]
+        if all(r is not None and len(r) == len(s.response_ids)
+               for r, s in zip(reported, picked, strict=True)):
+            engine_logp = [list(r) for r in reported]
+        else:
+            engine_logp = [row[len(s.prompt_ids) - 1:] for s, row in zip(
+                picked, self.engine.score([s.prompt_ids + s.response_ids for s in picked]),
+                strict=True)]
         policy_logp = pl_module.score_samples(picked, temperature=1.0)
         diffs = []
-        for sample, engine_row, policy_row in zip(picked, engine_logp, policy_logp,
-                                                  strict=True):
-            response = torch.tensor(engine_row[len(sample.prompt_ids) - 1:], dtype=torch.float32)
+        for engine_row, policy_row in zip(engine_logp, policy_logp, strict=True):
+            response = torch.tensor(engine_row, dtype=torch.float32)
             diffs.append((response - policy_row).abs())
         diff = torch.cat(diffs) if diffs else torch.zeros(1)
         return {"max": float(diff.max()), "mean": float(diff.mean()), "sum": float(diff.sum()),

@@ -47,6 +47,9 @@ class SamplingConfig:
     """Largest number of generated tokens per completion (>= 1)."""
     seed: int | None = None
     """Base seed (>= 0), or None for unseeded sampling."""
+    ignore_eos: bool = False
+    """Keep sampling past end-of-sequence tokens until ``max_new_tokens`` (fixed work per
+    completion, for benchmarks)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:

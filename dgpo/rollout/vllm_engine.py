@@ -213,6 +213,7 @@ class VLLMEngine(RolloutEngine):
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_new_tokens,
                 seed=sampling.sample_seed(index, 0),
+                ignore_eos=sampling.ignore_eos,
                 logprobs=0,
             )
             for index in range(len(prompt_ids))

@@ -242,6 +242,15 @@ def test_engine_stops_at_eos(engine, tokenizer, hf_model) -> None:  # noqa: ANN0
     assert completion.token_ids == [eos]
     assert completion.finish_reason == "stop" and completion.text == ""
     assert abs(completion.logprobs[0] - float(logp.max())) < TOL
+    try:  # with ignore_eos the same greedy rollout runs on to max_new_tokens
+        engine.load_weights([("model.embed_tokens.weight", embed)])
+        [completion] = engine.generate(
+            [prompt], SamplingConfig(n=1, temperature=0.0, max_new_tokens=8, ignore_eos=True)
+        )
+    finally:
+        engine.load_weights(hf_model.named_parameters())
+    assert completion.token_ids[0] == eos and len(completion.token_ids) == 8
+    assert completion.finish_reason == "length" and len(completion.logprobs) == 8
 
 
 @pytest.mark.parametrize("engine", KINDS, indirect=True)
@@ -397,3 +406,22 @@ def test_transformers_engine_needs_a_model() -> None:
         TransformersEngine().generate([[1]], SamplingConfig(n=1, max_new_tokens=1))
     with pytest.raises(ValueError, match="max_batch_size must be >= 1"):
         TransformersEngine(max_batch_size=0)
+
+
+def test_seeded_sampler_draws_from_the_tempered_nucleus() -> None:
+    from dgpo.rollout.transformers_engine import _SeededSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    draws = 4000
+    for temperature, top_p in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.8)):
+        sampler = _SeededSampler(temperature, top_p, seeds=list(range(draws)))
+        scores = sampler(None, logits.expand(draws, -1).clone())
+        tokens = scores.argmax(-1)
+        assert torch.all(scores.max(-1).values == 0)  # greedy decoding picks the sampled token
+        probs = torch.softmax(logits[0] / temperature, -1)
+        if top_p < 1:  # nucleus {0, 1}: mass 0.865 >= 0.8 (0.63 alone is not enough)
+            probs = torch.cat([probs[:2] / probs[:2].sum(), torch.zeros(3)])
+        frequencies = torch.bincount(tokens, minlength=5).float() / draws
+        assert torch.allclose(frequencies, probs, atol=0.025), (temperature, top_p, frequencies)
+        expected_logp = torch.log_softmax(logits[0], -1)[tokens]  # raw model log-probs
+        torch.testing.assert_close(sampler.logprobs[0], expected_logp)
