@@ -117,7 +117,7 @@ def main() -> None:
                         help="VOCABxHIDDENxTOKENS (default: SmolLM2 and Qwen2.5-0.5B heads)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per shape")
     parser.add_argument("--iters", type=int, default=1, help="timed passes per run")
-    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--worker", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = parser.parse_args()

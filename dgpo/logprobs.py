@@ -39,8 +39,8 @@ def _chunk_forward(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets:
     if not with_entropy and not keep:
         return logp, torch.zeros_like(logp), log_norm, None
     log_probs = logits.sub_(log_norm[:, None])  # in place: the raw logits are not needed again
-    if with_entropy:
-        entropy = -(log_probs.exp() * log_probs).sum(-1)
+    if with_entropy:  # −Σ p log p, with one temporary of the chunk's size
+        entropy = log_probs.exp().mul_(log_probs).sum(-1).neg_()
     else:
         entropy = torch.zeros_like(logp)
     return logp, entropy, log_norm, log_probs if keep else None
@@ -124,7 +124,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
 
 
 def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Tensor | None = None,
-                   temperature: float = 1.0, chunk_size: int = 1024,
+                   temperature: float = 1.0, chunk_size: int = 512,
                    with_entropy: bool = True, keep_gib: float = 1.0) -> tuple[Tensor, Tensor]:
     """Log-probability of ``targets`` and the entropy of the next-token distribution, per token.
 
@@ -177,7 +177,7 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Ten
 
 
 def sequence_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                      response_mask: Tensor, *, temperature: float = 1.0, chunk_size: int = 1024,
+                      response_mask: Tensor, *, temperature: float = 1.0, chunk_size: int = 512,
                       with_entropy: bool = True, keep_gib: float = 1.0,
                       share_prompts: bool = False) -> tuple[Tensor, Tensor]:
     """Per-token log-probs and entropies of the response tokens of a batch of sequences.

@@ -90,7 +90,7 @@ class RLVRModule(LightningModule):
                  min_lr_ratio: float = 0.0, max_grad_norm: float | None = 1.0,
                  kl_coef: float = 0.0, entropy_coef: float = 0.0, micro_batch_size: int = 8,
                  dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-                 logprob_chunk_size: int = 1024, logprob_keep_gib: float = 1.0,
+                 logprob_chunk_size: int = 512, logprob_keep_gib: float = 1.0,
                  share_prompts: bool = True, gradient_checkpointing: bool = False,
                  attn_implementation: str | None = None,
                  evaluation: EvalConfig | None = None) -> None:
