@@ -35,12 +35,14 @@ def micro_batches(batch: dict[str, Tensor], size: int,
     for start in range(0, order.numel(), size):
         rows = order[start:start + size]
         width = int(lengths[rows].max())
-        micro = {key: (value[rows] if value.dim() == 1 else value[rows, :width])
-                 for key, value in batch.items()}
-        for key in ("response_mask", "old_logp", "ref_logp"):  # aligned with input_ids[:, 1:]
-            if key in batch:
-                micro[key] = batch[key][rows, :max(width - 1, 0)]
-        yield rows, micro
+        widths = {key: max(width - 1, 0) for key in _TARGET_ALIGNED}
+        yield rows, {key: (value[rows] if value.dim() == 1
+                           else value[rows, :widths.get(key, width)])
+                     for key, value in batch.items()}
+
+
+#: Batch entries aligned with the targets ``input_ids[:, 1:]`` (one column fewer).
+_TARGET_ALIGNED = ("response_mask", "old_logp", "ref_logp")
 
 
 def resolve_old_logp(old_logp: Tensor, logp: Tensor, deferred: Tensor | None) -> Tensor:

@@ -230,13 +230,12 @@ class RLVRModule(LightningModule):
         """
         model = self.reference if reference else self.policy
         assert model is not None, "the model is not loaded (configure_model) or kl_coef is 0"
+        out: list[Tensor] = [torch.empty(0)] * len(samples)
+        if not samples:  # e.g. every sample defers its π_old to the training pass
+            return out
         was_training = model.training
         model.eval()
-        pad = self.tokenizer.pad_token_id or 0
-        out: list[Tensor] = [torch.empty(0)] * len(samples)
-        if not samples:
-            return out
-        batch = collate_samples(samples, pad)
+        batch = collate_samples(samples, self.tokenizer.pad_token_id or 0)
         for rows, micro in micro_batches(batch, self.hparams.micro_batch_size,
                                          by_group=self.shares_prompts):
             micro = self._to_device(micro)

@@ -267,3 +267,14 @@ def test_an_engine_that_misses_weight_pushes_stops_the_run(tmp_path, tiny_model_
         main(["fit", "--config", str(path)])
     # the first rollout (identical weights) passed the check and trained
     assert epoch_metrics(tmp_path)["rollout/sync_logp_diff_max"].iloc[0] < 1e-4
+
+
+def test_scoring_no_samples_leaves_the_policy_in_train_mode(tiny_model_path):
+    """With one mini-batch per rollout every π_old is deferred and nothing is scored."""
+    from dgpo.module import RLVRModule
+
+    module = RLVRModule(tiny_model_path)
+    module.configure_model()
+    assert module.policy.training
+    assert module.score_samples([]) == []
+    assert module.policy.training  # gradient checkpointing and dropout act in train mode only
