@@ -14,7 +14,13 @@ from torch.distributed.fsdp.wrap import wrap
 
 from dgpo.batching import has_dropout, micro_batches, resolve_old_logp
 from dgpo.checkpoint import restore_rng_states, rng_states
-from dgpo.distributed import TokenMeans, call_in_forward, full_weights
+from dgpo.distributed import (
+    TokenMeans,
+    call_in_forward,
+    full_weights,
+    load_from_rank0,
+    meta_materializer,
+)
 from dgpo.evaluation.benchmarks import BenchmarkBatch
 from dgpo.evaluation.config import EvalConfig
 from dgpo.evaluation.evaluator import Evaluator
@@ -131,6 +137,8 @@ class RLVRModule(LightningModule):
         self.reference: torch.nn.Module | None = None
         self._tokenizer: Any = None
         self._token_means = TokenMeans()  # token-weighted train metrics, reduced at epoch end
+        # The frozen reference model is not state: checkpoints reload it from its path.
+        self.register_state_dict_post_hook(_drop_reference_weights)
 
     # ----------------------------------------------------------------------------------- models
     @property
@@ -152,7 +160,12 @@ class RLVRModule(LightningModule):
         return self._tokenizer
 
     def configure_model(self) -> None:
-        """Load the policy (and the reference model when ``kl_coef > 0``) once."""
+        """Load the policy (and the reference model when ``kl_coef > 0``) once.
+
+        Under FSDP on several ranks only rank 0 reads the weights; the other ranks build the
+        model on the meta device and receive rank 0's weights once it is sharded
+        (:func:`dgpo.distributed.load_from_rank0`), so a node holds one full copy in CPU memory.
+        """
         if self.policy is not None:
             return
         check_module_sharding(self._trainer.strategy if self._trainer is not None else None)
@@ -160,18 +173,39 @@ class RLVRModule(LightningModule):
         if self.hparams.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         policy.config.use_cache = False
-        # Under FSDPStrategy, `wrap` makes each model its own FSDP root unit with the strategy's
-        # settings (auto-wrap policy, mixed precision, ...); elsewhere it returns the model as is.
-        self.policy = wrap(policy)
+        self.policy = self._shard(policy)
         if self.hparams.kl_coef > 0:
-            self.reference = wrap(self._load_model().eval().requires_grad_(False))
+            self.reference = self._shard(self._load_model().eval().requires_grad_(False))
+
+    def _shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Under FSDPStrategy, ``model`` as its own FSDP root unit; elsewhere ``model`` as is.
+
+        ``wrap`` applies the strategy's settings (auto-wrap policy, mixed precision, ...).
+        FSDP2Strategy shards the models (and fills them from rank 0) after configure_model.
+        """
+        if not (self._loads_on_rank0 and strategy_kind(self.trainer.strategy) == "fsdp1"):
+            return wrap(model)
+        device = self.trainer.strategy.root_device
+        full_state = model.state_dict() if self.global_rank == 0 else None
+        wrapped = wrap(model, param_init_fn=meta_materializer(device))
+        load_from_rank0(wrapped, full_state)
+        return wrapped
+
+    @property
+    def _loads_on_rank0(self) -> bool:
+        """Whether only rank 0 reads the weights (a sharded policy on several ranks)."""
+        return self.sharded and self.trainer.world_size > 1
 
     def _load_model(self) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         kwargs: dict[str, Any] = {"dtype": DTYPES[self.hparams.dtype]}
         if self.hparams.attn_implementation:
             kwargs["attn_implementation"] = self.hparams.attn_implementation
+        if self._loads_on_rank0 and self.global_rank != 0:
+            config = AutoConfig.from_pretrained(self.model_path)
+            with torch.device("meta"):  # no memory: the weights come from rank 0
+                return AutoModelForCausalLM.from_config(config, **kwargs)
         return AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
 
     @property
@@ -396,20 +430,38 @@ class RLVRModule(LightningModule):
         self.evaluator.close()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the RNG states; leave the frozen reference model out (it reloads from its path)."""
-        state = checkpoint.get("state_dict", {})
-        for key in [key for key in state if key.startswith("reference.")]:
-            del state[key]
+        """Save the RNG states (the state dict already leaves the reference model out)."""
         checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the RNG states, and put the reference model's weights back for strict loading."""
+        """Restore the RNG states."""
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
-        if self.reference is not None:
-            state = checkpoint.setdefault("state_dict", {})
-            for key, value in self.reference.state_dict().items():
-                state.setdefault(f"reference.{key}", value)
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a state dict; the frozen reference model keeps its weights when it is left out.
+
+        :meth:`state_dict` leaves the reference model out, so no checkpoint holds it. Single
+        device, DDP and FSDP1 (full and sharded) checkpoints load through here, and strict
+        loading still refuses any other missing or unexpected key; FSDP2Strategy hides the
+        reference model while it loads.
+        """
+        if self.reference is None or any(key.startswith("reference.") for key in state_dict):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [key for key in result.missing_keys if not key.startswith("reference.")]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: "
+                               f"missing keys {missing}, unexpected keys "
+                               f"{result.unexpected_keys}")
+        return result
+
+
+def _drop_reference_weights(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str,
+                            local_metadata: dict[str, Any]) -> None:
+    """A ``state_dict`` post-hook: remove the frozen reference model's entries."""
+    for key in [key for key in state_dict if key.startswith(f"{prefix}reference.")]:
+        del state_dict[key]
 
 
 def _k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:

@@ -26,6 +26,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.nn import Module
 from typing_extensions import override
 
+from dgpo.distributed import load_from_rank0
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -164,7 +166,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     LightningModule that holds parameters (the policy, and the reference model when ``kl_coef >
     0``) gets ``fully_shard`` on each of its decoder layers and then on itself (the root unit, so
     calling the policy directly gathers its embeddings and head too). The device mesh is 1-D,
-    data parallel over all ``num_nodes × devices`` ranks (no tensor parallelism).
+    data parallel over all ``num_nodes × devices`` ranks (no tensor parallelism). A model that
+    the other ranks built on the meta device (:class:`~dgpo.module.RLVRModule` does, so that only
+    rank 0 reads the checkpoint) is filled with rank 0's weights once sharded.
 
     Args:
         layer_classes: class names (``"Qwen2DecoderLayer"``) or import paths of the modules that
@@ -231,6 +235,14 @@ class FSDP2Strategy(ModelParallelStrategy):
                 self._shard(child)
         super().setup(trainer)
 
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
+        # Lightning loads a full checkpoint parameter by parameter over every submodule, not
+        # through the module's load_state_dict; the frozen reference model, which checkpoints
+        # leave out (RLVRModule.state_dict), must not be looked for.
+        with _detached(self.lightning_module, "reference"):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
     def _shard(self, model: Module) -> None:
         """``fully_shard`` every layer of ``model``, then ``model`` itself (idempotent)."""
         from torch.distributed.fsdp import (
@@ -259,9 +271,37 @@ class FSDP2Strategy(ModelParallelStrategy):
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
         if self.cpu_offload:
             kwargs["offload_policy"] = CPUOffloadPolicy()
+        # A model that the non-zero ranks built on the meta device gets rank 0's weights.
+        mesh = kwargs["mesh"]
+        empty = any(tensor.is_meta for tensor in model.parameters())
+        flags = torch.tensor([float(empty)], device=mesh.device_type)
+        torch.distributed.all_reduce(flags, group=mesh.get_group())
+        from_rank0 = bool(flags.item() > 0)
+        if empty and torch.distributed.get_rank() == 0:
+            raise ValueError("rank 0 holds no weights (its model is on the meta device): only the "
+                             "other ranks may build the model empty")
+        full_state = model.state_dict() if from_rank0 and not empty else None
         for layer in layers:
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
+        if from_rank0:
+            if empty:
+                model.to_empty(device=mesh.device_type)
+            load_from_rank0(model, full_state)
+
+
+@contextlib.contextmanager
+def _detached(module: Module | None, name: str) -> Iterator[None]:
+    """Set the child module ``name`` of ``module`` to ``None`` for the duration."""
+    child = None if module is None else module._modules.get(name)
+    if child is None:
+        yield
+        return
+    module._modules[name] = None
+    try:
+        yield
+    finally:
+        module._modules[name] = child
 
 
 def _checkpoint_layers(model: Module, classes: tuple[type, ...]) -> None:

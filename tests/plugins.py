@@ -50,33 +50,77 @@ class StopAfterEpochs(Callback):
 
 
 class GradientDump(Callback):
-    """Saves what the first optimiser step of epoch 0 saw, on rank 0, for the scale-out tests.
+    """Saves what optimiser steps of epoch 0 saw, on rank 0, for the end-to-end tests.
 
-    The full (unsharded) gradient of every policy parameter just before the step, the global
-    loss (the sum of the ranks' shares), the rollout buffer (the whole rollout, the same on every
-    rank) and the buffer indices of the global mini-batch, so a test can recompute the step on
-    one process from the same batch.
+    For each of ``steps`` (optimiser steps of epoch 0, from 0): the full (unsharded) policy
+    weights before the step, the full gradient of every parameter just before the optimiser
+    step, the global policy loss (the sum of the ranks' shares), the rollout buffer (the whole
+    rollout, the same on every rank) and the buffer indices of the global mini-batch, so a test
+    can recompute the step on one process from the same batch. Saved as ``{step: record}``.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, steps: list[int] | None = None) -> None:
         self.path = path
-        self.grads: dict | None = None
+        self.steps = steps or [0]
+        self.records: dict[int, dict] = {}
+        self.current: dict | None = None  # the record of a step in progress
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 0 and batch_idx in self.steps:
+            weights = {name: tensor.clone()  # collective under FSDP: every rank
+                       for name, tensor in pl_module.named_weights_for_engine()}
+            self.records[batch_idx] = {"weights": weights, "world_size": trainer.world_size}
+            self.current = self.records[batch_idx]
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if trainer.current_epoch == 0 and self.grads is None:
-            self.grads = _full_gradients(pl_module.policy)  # collective: every rank
+        if self.current is not None:
+            self.current["grads"] = _full_gradients(pl_module.policy)  # collective
+            self.current = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.current_epoch != 0 or batch_idx != 0:
+        if trainer.current_epoch != 0 or batch_idx not in self.records:
             return
         loss = trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="sum")
         from dgpo.rollout.buffer import MiniBatchSampler
 
         buffer = trainer.datamodule.buffer
-        indices = next(MiniBatchSampler(buffer).global_batches())
-        if trainer.is_global_zero:
-            torch.save({"grads": self.grads, "loss": float(loss), "indices": indices,
-                        "samples": buffer.samples, "world_size": trainer.world_size}, self.path)
+        record = self.records[batch_idx]
+        record.update(loss=float(loss), samples=buffer.samples,
+                      indices=list(MiniBatchSampler(buffer).global_batches())[batch_idx])
+        if trainer.is_global_zero and batch_idx == max(self.steps):
+            torch.save(self.records, self.path)
+
+
+def recompute_step(record: dict, model_path: str, loss: PolicyLoss,
+                   kl_coef: float) -> tuple[float, float, dict[str, Tensor]]:
+    """One process's policy loss, mean k3 KL and gradients for a :class:`GradientDump` record.
+
+    An independent route to the step: a fresh Hugging Face model with the record's weights, the
+    plain log-prob computation, the loss plus ``kl_coef`` times the token-mean k3 estimate of
+    KL(π‖π_ref) written out here, over the global mini-batch on one process.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dgpo.batching import resolve_old_logp
+    from dgpo.logprobs import sequence_logprobs
+    from dgpo.rollout.buffer import collate_samples
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).train()
+    model.load_state_dict(record["weights"])
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batch = collate_samples([record["samples"][i] for i in record["indices"]], pad)
+    mask = batch["response_mask"]
+    logp, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], mask,
+                                with_entropy=False)
+    old_logp = resolve_old_logp(batch["old_logp"], logp, batch["defer_old_logp"])
+    out = loss(logp, old_logp, batch["advantages"], mask, num_tokens=mask.sum(),
+               num_sequences=mask.shape[0])
+    delta = batch["ref_logp"] - logp
+    kl = ((delta.exp() - delta - 1) * mask).sum() / mask.sum()
+    (out.loss + kl_coef * kl).backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return float(out.loss), float(kl), grads
 
 
 def _full_gradients(model: torch.nn.Module) -> dict[str, Tensor]:

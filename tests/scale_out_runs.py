@@ -5,10 +5,14 @@ its cases in it, to pay for the processes' start (imports, the process group) on
 
     torchrun --nproc_per_node 2 tests/scale_out_runs.py plan.json
 
-``plan.json`` is a list of argument lists for :func:`dgpo.cli.main`.
+``plan.json`` is a list of argument lists for :func:`dgpo.cli.main`. Every call of
+``AutoModelForCausalLM.from_pretrained`` (a read of the weights from disk) is recorded in
+``weight_reads.jsonl`` beside it, with the rank and the calling file, so the tests can check
+that under FSDP only rank 0 reads the policy.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +21,26 @@ sys.path.insert(0, str(REPO))  # `tests.plugins` is loaded by class_path
 
 from dgpo.cli import main  # noqa: E402
 
+
+def record_weight_reads(log: Path) -> None:
+    """Append ``{"rank", "caller"}`` to ``log`` whenever a causal LM is read from disk."""
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        caller = Path(sys._getframe(1).f_code.co_filename).resolve()
+        with log.open("a") as file:
+            file.write(json.dumps({"rank": int(os.environ["RANK"]),
+                                   "caller": str(caller.relative_to(REPO))
+                                   if caller.is_relative_to(REPO) else str(caller)}) + "\n")
+        return original(cls, *args, **kwargs)
+
+    AutoModelForCausalLM.from_pretrained = classmethod(from_pretrained)
+
+
 if __name__ == "__main__":
-    for args in json.loads(Path(sys.argv[1]).read_text()):
+    plan = Path(sys.argv[1])
+    record_weight_reads(plan.parent / "weight_reads.jsonl")
+    for args in json.loads(plan.read_text()):
         main(args)

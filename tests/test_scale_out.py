@@ -8,9 +8,15 @@ on one process (3 epochs) is the reference. Checked per (strategy, engine):
   run's: the ranks' rollout shards, the gathered advantages, the sharded mini-batches and the
   (sum, count) metric reductions add up to the same run;
 - after each weight sync every rank's engine agrees with the policy's log-probs;
-- the first optimiser step's full gradient and loss equal those of one process on the same
-  global mini-batch (token-mean over the global token count);
-- the checkpoint resumes at epoch 2 and continues the single-process curve.
+- the first two optimiser steps' full gradients and losses equal those of one process on the
+  same global mini-batch (token-mean over the global token count; the second step with a
+  non-zero KL penalty and scored behaviour log-probs);
+- the checkpoint resumes at epoch 2 and continues the single-process curve;
+- under FSDP and FSDP2 only rank 0 reads the weights from disk (the other ranks build the
+  models empty and receive rank 0's weights).
+
+The KL penalty is on (``kl_coef > 0``), so the frozen reference model is sharded, scored and
+left out of the checkpoints like the policy's counterpart in a paper run.
 """
 
 import copy
@@ -27,12 +33,10 @@ import pytest
 import torch
 import yaml
 
-from dgpo.batching import resolve_old_logp
 from dgpo.cli import main
-from dgpo.logprobs import sequence_logprobs
 from dgpo.losses import DGPOLoss
-from dgpo.rollout.buffer import collate_samples
 from tests.conftest import HAS_VLLM, requires_vllm
+from tests.plugins import recompute_step
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = yaml.safe_load((REPO / "configs" / "tiny_fsdp_cpu.yaml").read_text())
@@ -54,6 +58,10 @@ STRATEGIES = {
     ("ddp", "vllm"): "ddp",
     ("ddp", "transformers"): "ddp",
 }
+#: The k3 KL penalty's coefficient: the reference model is loaded, sharded and scored.
+KL_COEF = 0.1
+#: Optimiser steps of epoch 0 whose gradients are compared with one process's.
+DUMPED_STEPS = [0, 1]
 #: Wall-clock metrics differ between any two runs.
 TIMING = ("time/", "rollout/tokens_per_second")
 CASES = [pytest.param(strategy, engine, id=f"{strategy}-{engine}",
@@ -80,8 +88,10 @@ def run_config(root: Path, model_path: str, engine: str, strategy: str | None,
                              "init_args": {"dirpath": str(root / "checkpoints"),
                                            "save_last": True}},
                             {"class_path": "tests.plugins.GradientDump",
-                             "init_args": {"path": str(root / "first_step.pt")}}]
-    config["model"].update(model_name_or_path=model_path, max_grad_norm=None)  # raw gradients
+                             "init_args": {"path": str(root / "steps.pt"),
+                                           "steps": DUMPED_STEPS}}]
+    config["model"].update(model_name_or_path=model_path, max_grad_norm=None,  # raw gradients
+                           kl_coef=KL_COEF)
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"config-{epochs}-epochs.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -163,31 +173,20 @@ def test_scale_out_two_ranks_match_one_process(strategy, engine, launched, singl
         assert got[name].between(0, 1).all(), name  # token-weighted fractions, exactly reduced
 
 
+@pytest.mark.parametrize("step", DUMPED_STEPS)
 @pytest.mark.parametrize(("strategy", "engine"), CASES)
-def test_scale_out_first_step_gradient_equals_one_process_on_same_batch(strategy, engine,
-                                                                        launched,
-                                                                        tiny_model_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dump = torch.load(launched(strategy)[engine] / "first_step.pt", weights_only=False)
-    assert dump["world_size"] == 2
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).train()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = collate_samples([dump["samples"][i] for i in dump["indices"]], pad)
-    mask = batch["response_mask"]
-    logp, _ = sequence_logprobs(model, batch["input_ids"], batch["attention_mask"], mask,
-                                with_entropy=False)
-    old_logp = resolve_old_logp(batch["old_logp"], logp, batch["defer_old_logp"])
-    out = DGPOLoss()(logp, old_logp, batch["advantages"], mask,
-                     num_tokens=mask.sum(), num_sequences=mask.shape[0])
-    out.loss.backward()
-    assert math.isclose(dump["loss"], float(out.loss), rel_tol=1e-4, abs_tol=1e-6)
-    expected = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    assert set(dump["grads"]) == set(expected)
+def test_scale_out_step_gradient_equals_one_process_on_same_batch(strategy, engine, step,
+                                                                  launched, tiny_model_path):
+    """Step 0 (π_old deferred where allowed, KL 0) and step 1 (π_old scored, KL > 0)."""
+    record = torch.load(launched(strategy)[engine] / "steps.pt", weights_only=False)[step]
+    assert record["world_size"] == 2
+    loss, kl, expected = recompute_step(record, tiny_model_path, DGPOLoss(), KL_COEF)
+    assert math.isclose(record["loss"], loss, rel_tol=1e-4, abs_tol=1e-6)
+    assert (kl > 1e-6) == (step > 0), "the reference model is the policy before the first step"
+    assert set(record["grads"]) == set(expected)
     assert any(g.abs().sum() > 0 for g in expected.values())
     for name, grad in expected.items():
-        torch.testing.assert_close(dump["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(record["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize(("strategy", "engine"), CASES)
@@ -202,7 +201,17 @@ def test_scale_out_checkpoint_resumes_the_same_curve(strategy, engine, launched,
                                   rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp2", "ddp"])
+def test_scale_out_only_rank0_reads_the_weights_when_sharded(strategy, launched):
+    base = next(iter(launched(strategy).values())).parent
+    reads = [json.loads(line) for line in (base / "weight_reads.jsonl").read_text().splitlines()]
+    by_module = [read["rank"] for read in reads if read["caller"] == "dgpo/module.py"]
+    fits = len(json.loads((base / "plan.json").read_text()))
+    # one policy and one reference model per fit on rank 0
+    assert by_module.count(0) == 2 * fits
+    assert by_module.count(1) == (2 * fits if strategy == "ddp" else 0)
+
+
 @requires_vllm
 def test_scale_out_tiny_fsdp_cpu_config_runs_as_documented(tmp_path):
     """``python -m dgpo fit --config configs/tiny_fsdp_cpu.yaml``: Lightning starts rank 1."""

@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-from dgpo.distributed import full_weights
+from dgpo.distributed import full_weights, load_from_rank0, meta_materializer
 from dgpo.module import RLVRModule
 from dgpo.strategies import (
     CPUFSDPStrategy,
@@ -112,3 +112,43 @@ def test_module_refuses_a_model_parallel_strategy_that_shards_nothing(tiny_model
                              strategy=ModelParallelStrategy(tensor_parallel_size=1))
     with pytest.raises(ValueError, match="use trainer.strategy: dgpo.strategies.FSDP2Strategy"):
         module.configure_model()
+
+
+def _empty_tiny_model(tiny_model_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_path),
+                                                dtype=torch.float32)
+
+
+def test_meta_materializer_keeps_tied_weights_tied(tiny_model_path):
+    model = _empty_tiny_model(tiny_model_path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the tiny model ties them
+    materialize = meta_materializer(torch.device("cpu"))
+    for module in model.modules():
+        materialize(module)
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert tensors and not any(tensor.is_meta for tensor in tensors)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(p.requires_grad for p in model.parameters())
+    # Module.to_empty would have untied them: FSDP would then flatten a bigger model than rank 0's
+    untied = _empty_tiny_model(tiny_model_path)
+    for module in untied.modules():
+        module.to_empty(device="cpu", recurse=False)
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+def test_loading_from_rank0_needs_rank0s_weights(one_rank, tiny_model):
+    with pytest.raises(ValueError, match="rank 0 must pass the model's full state dict"):
+        load_from_rank0(tiny_model, None)
+
+
+def test_fsdp2_strategy_refuses_an_empty_model_on_rank0(one_rank, tiny_model_path):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    strategy = FSDP2Strategy()
+    strategy._device_mesh = init_device_mesh("cpu", (1, 1),
+                                             mesh_dim_names=("data_parallel", "tensor_parallel"))
+    with pytest.raises(ValueError, match="rank 0 holds no weights"):
+        strategy._shard(_empty_tiny_model(tiny_model_path))
