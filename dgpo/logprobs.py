@@ -179,7 +179,8 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *, bias: Ten
 def sequence_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
                       response_mask: Tensor, *, temperature: float = 1.0, chunk_size: int = 512,
                       with_entropy: bool = True, keep_gib: float = 1.0,
-                      share_prompts: bool = False) -> tuple[Tensor, Tensor]:
+                      share_prompts: bool = False,
+                      same_calls: bool = False) -> tuple[Tensor, Tensor]:
     """Per-token log-probs and entropies of the response tokens of a batch of sequences.
 
     Only positions whose next token is a response token go through the language-model head.
@@ -199,6 +200,9 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask:
         share_prompts: run each distinct prompt once, with a KV cache shared by its rows. Same
             numbers up to float rounding; needs a model that accepts ``past_key_values`` (and no
             gradient checkpointing, which turns the cache off).
+        same_calls: with ``share_prompts``, call the decoder exactly twice whatever the batch
+            (no repeated prompt, responses of at most one token). Under FSDP every call gathers
+            parameters collectively, so every rank must make the same calls.
 
     Returns:
         ``(logp, entropy)``, each ``(B, L−1)`` float32, zero where ``response_mask`` is 0.
@@ -206,8 +210,8 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask:
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
     mask = response_mask.bool()
-    shared = _shared_prompt_hidden(decoder, input_ids, attention_mask, mask) if share_prompts \
-        else None
+    shared = _shared_prompt_hidden(decoder, input_ids, attention_mask, mask, same_calls) \
+        if share_prompts else None
     if shared is not None:
         positions, targets = shared
     else:
@@ -223,14 +227,16 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask:
 
 
 def _shared_prompt_hidden(decoder: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                          response_mask: Tensor) -> tuple[Tensor, Tensor] | None:
+                          response_mask: Tensor,
+                          same_calls: bool = False) -> tuple[Tensor, Tensor] | None:
     """Hidden states predicting each response token, running every distinct prompt once.
 
     The distinct prompts go through the decoder once, left-padded, keeping their KV cache; the
     cache is repeated for the rows of each prompt, and the responses (right-padded) run on top
     of it. The hidden state that predicts a row's first response token is its prompt's last
     one. Returns ``(hidden, targets)`` for the positions of ``response_mask`` in row-major order
-    (as ``hidden[:, :-1][response_mask]`` would be), or ``None`` when no prompt repeats.
+    (as ``hidden[:, :-1][response_mask]`` would be), or ``None`` when no prompt repeats
+    (unless ``same_calls``: then the decoder always runs twice, see :func:`sequence_logprobs`).
     """
     rows, length = input_ids.shape
     has_response = response_mask.any(-1)
@@ -240,7 +246,7 @@ def _shared_prompt_hidden(decoder: torch.nn.Module, input_ids: Tensor, attention
     keys: dict[tuple[int, ...], int] = {}
     row_prompt = [keys.setdefault(tuple(input_ids[i, :prompt_lengths[i]].tolist()), len(keys))
                   for i in range(rows)]
-    if len(keys) == rows:
+    if len(keys) == rows and not same_calls:
         return None
     device = input_ids.device
     width = max(prompt_lengths)
@@ -260,10 +266,7 @@ def _shared_prompt_hidden(decoder: torch.nn.Module, input_ids: Tensor, attention
     starts = torch.tensor(prompt_lengths, device=device)
     response_lengths = attention_mask.sum(-1) - starts
     span = int(response_lengths.max())
-    if span == 0:
-        return out.last_hidden_state.new_zeros((0, out.last_hidden_state.shape[-1])), \
-            input_ids.new_zeros(0)
-    steps = torch.arange(span, device=device)
+    steps = torch.arange(max(span, 1), device=device)  # span 0: no target is selected below
     response_ids = input_ids.gather(1, (starts[:, None] + steps).clamp(max=length - 1))
     in_response = steps < response_lengths[:, None]
     last_prompt_hidden = out.last_hidden_state[:, -1][index]  # predicts response token 0
@@ -276,6 +279,13 @@ def _shared_prompt_hidden(decoder: torch.nn.Module, input_ids: Tensor, attention
         hidden = torch.cat([last_prompt_hidden[:, None], hidden], dim=1)
     else:
         hidden = last_prompt_hidden[:, None]
+        if same_calls:  # the second call of the other ranks, on one token; its output unused
+            extra = decoder(input_ids=response_ids[:, :1],
+                            attention_mask=torch.cat([prompt_mask[index],
+                                                      prompt_mask.new_ones((rows, 1))], dim=1),
+                            position_ids=starts[:, None], past_key_values=cache,
+                            use_cache=True).last_hidden_state
+            hidden = hidden + 0.0 * extra  # in the graph, so FSDP's backward hooks all run
     # response_mask restricted to each row's response span, in the same row-major order
     targets_mask = response_mask.gather(1, (starts[:, None] - 1 + steps).clamp(max=length - 2))
     targets_mask &= in_response

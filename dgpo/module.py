@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torch.distributed.fsdp.wrap import wrap
 
-from dgpo.batching import has_dropout, micro_batches, resolve_old_logp
+from dgpo.batching import has_dropout, micro_batches, recomputes_activations, resolve_old_logp
 from dgpo.checkpoint import restore_rng_states, rng_states
 from dgpo.distributed import (
     TokenMeans,
@@ -76,8 +76,8 @@ class RLVRModule(LightningModule):
         logprob_keep_gib: log-softmax chunks (float32) of up to this many GiB per micro-batch are
             kept for the backward pass; the rest are recomputed there (``0``: least memory).
         share_prompts: run each distinct prompt of a micro-batch through the model once, its KV
-            cache shared by the group's samples (same numbers; skipped with gradient
-            checkpointing or a sharded policy). Micro-batches then keep groups together.
+            cache shared by the group's samples (same numbers; skipped with activation
+            checkpointing). Micro-batches then keep groups together.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         attn_implementation: passed to ``from_pretrained`` (e.g. ``"sdpa"`` or
             ``"flash_attention_2"``).
@@ -215,9 +215,13 @@ class RLVRModule(LightningModule):
 
     @property
     def shares_prompts(self) -> bool:
-        """Whether log-probs run each distinct prompt once (``share_prompts``, when it applies)."""
-        return (self.hparams.share_prompts and not self.hparams.gradient_checkpointing
-                and not self.sharded)
+        """Whether log-probs run each distinct prompt once (``share_prompts``, when it applies).
+
+        Not with activation checkpointing (Hugging Face's or the strategy's): a recomputed
+        decoder layer would write into the shared KV cache again.
+        """
+        return (self.hparams.share_prompts and self.policy is not None
+                and not recomputes_activations(self.policy))
 
     @property
     def can_defer_old_logp(self) -> bool:
@@ -250,7 +254,7 @@ class RLVRModule(LightningModule):
             inner, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
             temperature=temperature, chunk_size=self.hparams.logprob_chunk_size,
             with_entropy=with_entropy, keep_gib=self.hparams.logprob_keep_gib,
-            share_prompts=self.shares_prompts))
+            share_prompts=self.shares_prompts, same_calls=self.sharded))
 
     @torch.no_grad()
     def score_samples(self, samples: list[RolloutSample], reference: bool = False,

@@ -179,3 +179,32 @@ def test_shared_prompts_fall_back_when_no_prompt_repeats():
     shared = sequence_logprobs(model, input_ids, attention_mask, response_mask,
                                share_prompts=True)
     torch.testing.assert_close(shared, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows", [[0, 3, 6], [2, 5], [5], [0, 1, 2]],
+                         ids=["no-repeat", "short-responses", "no-response", "one-group"])
+def test_same_calls_run_the_decoder_twice_with_the_same_numbers(rows):
+    """Under FSDP every rank must call the decoder as often, whatever its micro-batch holds."""
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=120, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+    model = Qwen2ForCausalLM(config).double().train()
+    batch = tuple(t[rows] for t in grouped_batch(torch.Generator().manual_seed(2)))
+    calls = []
+    model.get_decoder().register_forward_hook(lambda *args: calls.append(1))
+    results = []
+    for share, same_calls in ((False, False), (True, True)):
+        model.zero_grad()
+        calls.clear()
+        logp, _ = sequence_logprobs(model, *batch, share_prompts=share, same_calls=same_calls)
+        if logp.requires_grad:
+            logp.sum().backward()
+        results.append((logp, [p.grad for p in model.parameters()], len(calls)))
+    (logp, grads, plain_calls), (same_logp, same_grads, same_calls_made) = results
+    assert plain_calls == 1 and same_calls_made == 2
+    torch.testing.assert_close(same_logp, logp, rtol=1e-6, atol=1e-6)
+    for grad, same_grad in zip(grads, same_grads, strict=True):
+        if grad is None:  # no response token at all: nothing to differentiate
+            assert same_grad is None or not same_grad.any()
+        else:
+            torch.testing.assert_close(same_grad, grad, rtol=1e-5, atol=1e-6)

@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
+from dgpo.batching import recomputes_activations
 from dgpo.distributed import full_weights, load_from_rank0, meta_materializer
 from dgpo.module import RLVRModule
 from dgpo.strategies import (
@@ -152,3 +153,18 @@ def test_fsdp2_strategy_refuses_an_empty_model_on_rank0(one_rank, tiny_model_pat
                                              mesh_dim_names=("data_parallel", "tensor_parallel"))
     with pytest.raises(ValueError, match="rank 0 holds no weights"):
         strategy._shard(_empty_tiny_model(tiny_model_path))
+
+
+def test_activation_checkpointing_of_either_kind_turns_prompt_sharing_off(tiny_model_path):
+    from transformers import AutoModelForCausalLM
+
+    from dgpo.strategies import _checkpoint_layers
+
+    module = RLVRModule(tiny_model_path)
+    module.configure_model()
+    assert module.shares_prompts
+    _checkpoint_layers(module.policy, (type(module.policy.model.layers[0]),))  # the strategies'
+    assert recomputes_activations(module.policy) and not module.shares_prompts
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    model.gradient_checkpointing_enable()  # Hugging Face's
+    assert recomputes_activations(model)
