@@ -69,7 +69,8 @@ class GradientDump(Callback):
         if trainer.current_epoch == 0 and batch_idx in self.steps:
             weights = {name: tensor.clone()  # collective under FSDP: every rank
                        for name, tensor in pl_module.named_weights_for_engine()}
-            self.records[batch_idx] = {"weights": weights, "world_size": trainer.world_size}
+            self.records[batch_idx] = {"weights": weights, "world_size": trainer.world_size,
+                                       "shares_prompts": pl_module.shares_prompts}
             self.current = self.records[batch_idx]
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:

@@ -16,7 +16,9 @@ on one process (3 epochs) is the reference. Checked per (strategy, engine):
   models empty and receive rank 0's weights).
 
 The KL penalty is on (``kl_coef > 0``), so the frozen reference model is sharded, scored and
-left out of the checkpoints like the policy's counterpart in a paper run.
+left out of the checkpoints. The FSDP and FSDP2 cases with the transformers engine also
+checkpoint activations (as the paper configs do), which turns prompt sharing off; the others
+share prompt passes, under FSDP too.
 """
 
 import copy
@@ -47,14 +49,18 @@ ENGINES = {
     "transformers": {"class_path": "dgpo.rollout.TransformersEngine"},
 }
 FSDP = BASE["trainer"]["strategy"]
-#: (strategy, engine) -> the strategy config; the checkpoint formats differ between engines.
+#: (strategy, engine) -> the strategy config; the checkpoint formats and activation
+#: checkpointing (which turns prompt sharing off) differ between engines.
 STRATEGIES = {
     ("fsdp", "vllm"): FSDP,  # state_dict_type: full
-    ("fsdp", "transformers"): {**FSDP, "init_args": {**FSDP["init_args"],
-                                                     "state_dict_type": "sharded"}},
+    # the paper configs' FSDP1 settings: sharded checkpoints, activation checkpointing
+    ("fsdp", "transformers"): {**FSDP, "init_args": {
+        **FSDP["init_args"], "state_dict_type": "sharded",
+        "activation_checkpointing_policy": FSDP["init_args"]["auto_wrap_policy"]}},
     ("fsdp2", "vllm"): {"class_path": "dgpo.strategies.FSDP2Strategy",
                         "init_args": {"save_distributed_checkpoint": False}},
-    ("fsdp2", "transformers"): {"class_path": "dgpo.strategies.FSDP2Strategy"},
+    ("fsdp2", "transformers"): {"class_path": "dgpo.strategies.FSDP2Strategy",
+                                "init_args": {"activation_checkpointing": True}},
     ("ddp", "vllm"): "ddp",
     ("ddp", "transformers"): "ddp",
 }
@@ -180,6 +186,8 @@ def test_scale_out_step_gradient_equals_one_process_on_same_batch(strategy, engi
     """Step 0 (π_old deferred where allowed, KL 0) and step 1 (π_old scored, KL > 0)."""
     record = torch.load(launched(strategy)[engine] / "steps.pt", weights_only=False)[step]
     assert record["world_size"] == 2
+    # the transformers-engine FSDP cases checkpoint activations, which turns prompt sharing off
+    assert record["shares_prompts"] == (engine == "vllm" or strategy == "ddp")
     loss, kl, expected = recompute_step(record, tiny_model_path, DGPOLoss(), KL_COEF)
     assert math.isclose(record["loss"], loss, rel_tol=1e-4, abs_tol=1e-6)
     assert (kl > 1e-6) == (step > 0), "the reference model is the policy before the first step"
