@@ -164,3 +164,23 @@ class StaleEngine(TransformersEngine):
     def load_weights(self, named_tensors) -> None:
         for _ in named_tensors:  # consume the iterator (a collective under FSDP), keep nothing
             pass
+
+
+class PrecisionProbe(Callback):
+    """Writes, per rank, the dtypes the policy computes and keeps its buffers in (scale-out)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        import json
+
+        from dgpo.distributed import clean_name
+
+        buffers = {clean_name(name): str(buffer.dtype)
+                   for name, buffer in pl_module.policy.named_buffers()}
+        config = trainer.strategy.mixed_precision_config
+        record = {"buffers": buffers, "param_dtype": str(config.param_dtype),
+                  "reduce_dtype": str(config.reduce_dtype)}
+        with open(f"{self.path}.rank{trainer.global_rank}", "w") as file:
+            json.dump(record, file)

@@ -212,6 +212,10 @@ def test_cli_paper_config_with_every_loss_prints(paper, loss, capsys):
     assert (rollout["n"], rollout["rollout_batch_size"], rollout["max_new_tokens"]) == (5, 1024,
                                                                                        1024)
     assert rollout["mini_batch_size"] == 256 * 5 and printed["model"]["kl_coef"] == 0.0
+    # bf16 compute, fp32 gradient reduction and buffers (RoPE), as in verl
+    precision = printed["trainer"]["strategy"]["init_args"]["mixed_precision"]
+    assert (precision["param_dtype"], precision["reduce_dtype"], precision["buffer_dtype"]) == (
+        "torch.bfloat16", "torch.float32", "torch.float32")
 
 
 def test_cli_unknown_config_key_is_a_clear_error(tmp_path, tiny_model_path, capsys,
