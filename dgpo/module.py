@@ -227,10 +227,11 @@ class RLVRModule(LightningModule):
     def can_defer_old_logp(self) -> bool:
         """Whether the first mini-batch's training log-probs can serve as its behaviour log-probs.
 
-        True without dropout (train- and eval-mode forward passes agree) on an unsharded policy.
-        The rollout callback then scores only the other mini-batches' samples.
+        True without dropout (train- and eval-mode forward passes agree). The rollout callback
+        then scores only the other mini-batches' samples (under FSDP each rank its own, however
+        many: :meth:`score_samples` evens out the forward passes).
         """
-        return self.policy is not None and not self.sharded and not has_dropout(self.policy)
+        return self.policy is not None and not has_dropout(self.policy)
 
     def named_weights_for_engine(self) -> Iterator[tuple[str, Tensor]]:
         """The policy's full weights by Hugging Face name, one tensor at a time, for the engine.
@@ -264,21 +265,29 @@ class RLVRModule(LightningModule):
         ``temperature`` defaults to the sampling temperature (:attr:`temperature`). Runs in eval
         mode in micro-batches sorted by length (groups together when prompts are shared); returns
         one float32 CPU tensor per sample, in the input order. Under FSDP every rank must call it
-        with as many samples (a collective).
+        (a collective), with any number of samples: a rank with fewer micro-batches than another
+        repeats one (or a one-token filler) so that all ranks make the same forward passes.
         """
         model = self.reference if reference else self.policy
         assert model is not None, "the model is not loaded (configure_model) or kl_coef is 0"
         out: list[Tensor] = [torch.empty(0)] * len(samples)
-        if not samples:  # e.g. every sample defers its π_old to the training pass
+        if not samples and not self.sharded:  # e.g. every π_old is deferred to the training pass
             return out
+        pad = self.tokenizer.pad_token_id or 0
+        batches = list(micro_batches(collate_samples(samples, pad), self.hparams.micro_batch_size,
+                                     by_group=self.shares_prompts)) if samples else []
+        if self.sharded:
+            count = self.trainer.strategy.reduce(torch.tensor(len(batches), device=self.device),
+                                                 reduce_op="max")
+            filler = batches[-1][1] if batches else collate_samples(
+                [RolloutSample(prompt_ids=[pad], response_ids=[pad], advantage=0.0)], pad)
+            batches += [(None, filler)] * (int(count) - len(batches))
         was_training = model.training
         model.eval()
-        batch = collate_samples(samples, self.tokenizer.pad_token_id or 0)
-        for rows, micro in micro_batches(batch, self.hparams.micro_batch_size,
-                                         by_group=self.shares_prompts):
+        for rows, micro in batches:
             micro = self._to_device(micro)
             logp, _ = self._logprobs(model, micro, with_entropy=False, temperature=temperature)
-            for row, index in enumerate(rows.tolist()):
+            for row, index in enumerate(rows.tolist() if rows is not None else []):
                 out[index] = logp[row][micro["response_mask"][row]].float().cpu()
         model.train(was_training)
         return out

@@ -282,3 +282,29 @@ def test_scoring_no_samples_leaves_the_policy_in_train_mode(tiny_model_path):
     assert module.policy.training
     assert module.score_samples([]) == []
     assert module.policy.training  # gradient checkpointing and dropout act in train mode only
+
+
+@pytest.mark.parametrize("samples", [0, 1])
+def test_sharded_scoring_makes_as_many_forward_passes_as_the_busiest_rank(tiny_model_path,
+                                                                          monkeypatch, samples):
+    """Under FSDP a rank with fewer (or no) samples to score pads to the others' micro-batches."""
+    from types import SimpleNamespace
+
+    from dgpo.module import RLVRModule
+    from dgpo.rollout.buffer import RolloutSample
+
+    module = RLVRModule(tiny_model_path, micro_batch_size=1)
+    module.configure_model()
+    rows = [RolloutSample(prompt_ids=[5, 6, 7], response_ids=[8, 9], advantage=0.0)][:samples]
+    expected = module.score_samples(rows)  # one process: no padding
+    busiest = 3  # micro-batches on the busiest rank, as the strategy's max-reduce reports
+    monkeypatch.setattr(RLVRModule, "sharded", property(lambda self: True))
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(
+        reduce=lambda tensor, reduce_op: torch.tensor(busiest) if reduce_op == "max" else None))
+    calls = []
+    module.policy.get_decoder().register_forward_hook(lambda *args: calls.append(1))
+    got = module.score_samples(rows)
+    assert len(calls) == 2 * busiest  # prompt and response passes, every micro-batch
+    assert len(got) == samples
+    for value, reference in zip(got, expected, strict=True):
+        torch.testing.assert_close(value, reference)

@@ -96,8 +96,10 @@ def run_config(root: Path, model_path: str, engine: str, strategy: str | None,
                             {"class_path": "tests.plugins.GradientDump",
                              "init_args": {"path": str(root / "steps.pt"),
                                            "steps": DUMPED_STEPS}}]
+    # micro-batches of 2: the ranks' shares of deferred π_old differ (e.g. 7 and 5 samples to
+    # score), so under FSDP one rank pads its scoring passes to the other's count
     config["model"].update(model_name_or_path=model_path, max_grad_norm=None,  # raw gradients
-                           kl_coef=KL_COEF)
+                           kl_coef=KL_COEF, micro_batch_size=2)
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"config-{epochs}-epochs.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -188,6 +190,9 @@ def test_scale_out_step_gradient_equals_one_process_on_same_batch(strategy, engi
     assert record["world_size"] == 2
     # the transformers-engine FSDP cases checkpoint activations, which turns prompt sharing off
     assert record["shares_prompts"] == (engine == "vllm" or strategy == "ddp")
+    # the first mini-batch's π_old comes from its training pass, under every strategy
+    deferred = [record["samples"][i].defer_old_logp for i in record["indices"]]
+    assert all(deferred) if step == 0 else not any(deferred)
     loss, kl, expected = recompute_step(record, tiny_model_path, DGPOLoss(), KL_COEF)
     assert math.isclose(record["loss"], loss, rel_tol=1e-4, abs_tol=1e-6)
     assert (kl > 1e-6) == (step > 0), "the reference model is the policy before the first step"

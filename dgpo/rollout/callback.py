@@ -261,9 +261,8 @@ class RolloutCallback(Callback):
 
         The epoch's first mini-batch is trained on before any update, so its training log-probs
         are exactly the policy's behaviour log-probs — when the module says so
-        (``can_defer_old_logp``: no dropout, and a policy that is not sharded, since scoring
-        under FSDP is a collective that needs as many samples on every rank), and with one pass
-        over the buffer (later passes would need the first pass's values again).
+        (``can_defer_old_logp``: no dropout), and with one pass over the buffer (later passes
+        would need the first pass's values again).
         """
         if (self.behaviour_logprobs != "policy" or self.ppo_epochs > 1
                 or not getattr(pl_module, "can_defer_old_logp", False)):
