@@ -94,3 +94,14 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if states.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def drop_reference_weights(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str,
+                           local_metadata: dict[str, Any]) -> None:
+    """A ``state_dict`` post-hook: remove the frozen reference model's entries (``reference.``).
+
+    The reference model never changes and reloads from its path, so checkpoints need not hold a
+    second copy of the model (:class:`~dgpo.module.RLVRModule` registers this hook).
+    """
+    for key in [key for key in state_dict if key.startswith(f"{prefix}reference.")]:
+        del state_dict[key]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any, Literal
@@ -13,20 +12,16 @@ from torch import Tensor
 from torch.distributed.fsdp.wrap import wrap
 
 from dgpo.batching import has_dropout, micro_batches, recomputes_activations, resolve_old_logp
-from dgpo.checkpoint import restore_rng_states, rng_states
-from dgpo.distributed import (
-    TokenMeans,
-    call_in_forward,
-    full_weights,
-    load_from_rank0,
-    meta_materializer,
-)
-from dgpo.evaluation.benchmarks import BenchmarkBatch
+from dgpo.checkpoint import drop_reference_weights, restore_rng_states, rng_states
+from dgpo.distributed import TokenMeans, call_in_forward, full_weights
 from dgpo.evaluation.config import EvalConfig
 from dgpo.evaluation.evaluator import Evaluator
+from dgpo.evaluation.hooks import EvaluationHooks
+from dgpo.loading import load_causal_lm, wrap_from_rank0
 from dgpo.logprobs import sequence_logprobs
-from dgpo.losses import LOSSES, DGPOLoss, PolicyLoss, build_loss
+from dgpo.losses import PolicyLoss, k3_kl, resolve_loss
 from dgpo.models import resolve_model
+from dgpo.optim import adamw_with_schedule, check_schedule, clip_grad_norm
 from dgpo.rollout.buffer import RolloutSample, collate_samples
 from dgpo.rollout.engine import RolloutEngine
 from dgpo.strategies import check_module_sharding, strategy_kind
@@ -34,7 +29,7 @@ from dgpo.strategies import check_module_sharding, strategy_kind
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class RLVRModule(LightningModule):
+class RLVRModule(EvaluationHooks, LightningModule):
     """A causal language model trained with a policy loss on rollouts served by the data module.
 
     One training batch is one mini-batch of the rollout buffer and one optimiser step (manual
@@ -50,10 +45,8 @@ class RLVRModule(LightningModule):
     :mod:`dgpo.strategies`) and DDP each rank trains on its part of every mini-batch;
     :meth:`score_samples` and :meth:`named_weights_for_engine` are then collectives.
 
-    Validation and test (``dgpo validate|test``, or every ``check_val_every_n_epoch`` epochs of
-    ``fit``) sample ``evaluation.k`` answers per benchmark problem of the data module's
-    benchmarks and log ``val/<benchmark>/avg@k``, ``pass@k``, ... (see
-    :class:`~dgpo.evaluation.evaluator.Evaluator`).
+    Validation and test sample answers to the data module's benchmarks
+    (:class:`~dgpo.evaluation.hooks.EvaluationHooks`).
 
     Args:
         model_name_or_path: a local Hugging Face folder, a hub id, or a built-in name
@@ -102,26 +95,16 @@ class RLVRModule(LightningModule):
                  evaluation: EvalConfig | None = None) -> None:
         super().__init__()
         evaluation = EvalConfig.build(evaluation)  # a dict when loaded from a checkpoint
-        if isinstance(loss, str):
-            loss = _loss_from_name(loss)
-        elif loss is None:
-            loss = DGPOLoss()
-        elif not isinstance(loss, PolicyLoss):
-            raise ValueError(f"loss must be a dgpo.losses.PolicyLoss or one of {list(LOSSES)}, "
-                             f"got {type(loss).__name__}")
-        _check_positive("lr", lr)
+        loss = resolve_loss(loss)
+        check_schedule(lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio)
         _check_positive("micro_batch_size", micro_batch_size)
         _check_positive("logprob_chunk_size", logprob_chunk_size)
         for name, value in (("kl_coef", kl_coef), ("entropy_coef", entropy_coef),
-                            ("weight_decay", weight_decay), ("warmup_steps", warmup_steps)):
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+                            ("logprob_keep_gib", logprob_keep_gib)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
         if max_grad_norm is not None:
             _check_positive("max_grad_norm", max_grad_norm)
-        if not logprob_keep_gib >= 0:
-            raise ValueError(f"logprob_keep_gib must be >= 0, got {logprob_keep_gib!r}")
-        if lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
         self.save_hyperparameters(ignore=["loss", "evaluation"])
@@ -138,7 +121,7 @@ class RLVRModule(LightningModule):
         self._tokenizer: Any = None
         self._token_means = TokenMeans()  # token-weighted train metrics, reduced at epoch end
         # The frozen reference model is not state: checkpoints reload it from its path.
-        self.register_state_dict_post_hook(_drop_reference_weights)
+        self.register_state_dict_post_hook(drop_reference_weights)
 
     # ----------------------------------------------------------------------------------- models
     @property
@@ -183,13 +166,10 @@ class RLVRModule(LightningModule):
         ``wrap`` applies the strategy's settings (auto-wrap policy, mixed precision, ...).
         FSDP2Strategy shards the models (and fills them from rank 0) after configure_model.
         """
-        if not (self._loads_on_rank0 and strategy_kind(self.trainer.strategy) == "fsdp1"):
-            return wrap(model)
-        device = self.trainer.strategy.root_device
-        full_state = model.state_dict() if self.global_rank == 0 else None
-        wrapped = wrap(model, param_init_fn=meta_materializer(device))
-        load_from_rank0(wrapped, full_state)
-        return wrapped
+        if self._loads_on_rank0 and strategy_kind(self.trainer.strategy) == "fsdp1":
+            return wrap_from_rank0(model, self.trainer.strategy.root_device,
+                                   is_rank0=self.global_rank == 0)
+        return wrap(model)
 
     @property
     def _loads_on_rank0(self) -> bool:
@@ -197,16 +177,9 @@ class RLVRModule(LightningModule):
         return self.sharded and self.trainer.world_size > 1
 
     def _load_model(self) -> torch.nn.Module:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        kwargs: dict[str, Any] = {"dtype": DTYPES[self.hparams.dtype]}
-        if self.hparams.attn_implementation:
-            kwargs["attn_implementation"] = self.hparams.attn_implementation
-        if self._loads_on_rank0 and self.global_rank != 0:
-            config = AutoConfig.from_pretrained(self.model_path)
-            with torch.device("meta"):  # no memory: the weights come from rank 0
-                return AutoModelForCausalLM.from_config(config, **kwargs)
-        return AutoModelForCausalLM.from_pretrained(self.model_path, **kwargs)
+        return load_causal_lm(self.model_path, DTYPES[self.hparams.dtype],
+                              self.hparams.attn_implementation,
+                              empty=self._loads_on_rank0 and self.global_rank != 0)
 
     @property
     def sharded(self) -> bool:
@@ -329,7 +302,7 @@ class RLVRModule(LightningModule):
             if self.hparams.entropy_coef > 0:
                 loss = loss - self.hparams.entropy_coef * (entropy * micro_mask).sum() / num_tokens
             if self.hparams.kl_coef > 0:
-                kl = _k3_kl(logp, micro["ref_logp"]) * micro_mask
+                kl = k3_kl(logp, micro["ref_logp"]) * micro_mask
                 loss = loss + self.hparams.kl_coef * kl.sum() / num_tokens
                 self._token_means.update("train/kl", kl.sum() / token_count, int(token_count))
             self.manual_backward(loss * scale)
@@ -340,7 +313,7 @@ class RLVRModule(LightningModule):
                                ("prob_weight", out.prob_weight), ("old_logp", old_logp)):
                 if value is not None:
                     diagnostics[key][rows, :width] = value.detach().float() * micro_mask
-        grad_norm = self._clip_gradients()
+        grad_norm = clip_grad_norm(self.policy, self.hparams.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -380,67 +353,15 @@ class RLVRModule(LightningModule):
         for name, value in self._token_means.compute(reduce).items():
             self.log(name, value, sync_dist=True)  # the same value on every rank
 
-    def _clip_gradients(self) -> Tensor:
-        assert self.policy is not None
-        max_norm = self.hparams.max_grad_norm
-        limit = math.inf if max_norm is None else max_norm
-        clip = getattr(self.policy, "clip_grad_norm_", None)
-        if clip is not None:  # FSDP1 (the policy is its own root unit): norm over all shards
-            return clip(limit)
-        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), limit)
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a DTensor
-
     # ------------------------------------------------------------------------------ optimisers
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW with linear warm-up and a constant or cosine schedule."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.lr, betas=self.hparams.betas,
-                                      weight_decay=self.hparams.weight_decay)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup, schedule, floor = (self.hparams.warmup_steps, self.hparams.lr_schedule,
-                                   self.hparams.min_lr_ratio)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if schedule == "constant":
-                return 1.0
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler,
-                                                         "interval": "step"}}
-
-    # ------------------------------------------------------------------------------ evaluation
-    def on_validation_epoch_start(self) -> None:
-        """Reset the benchmark metrics and push the policy's weights into the engine."""
-        self.evaluator.start(self, self.trainer.val_dataloaders)
-
-    def validation_step(self, batch: BenchmarkBatch, batch_idx: int,
-                        dataloader_idx: int = 0) -> None:
-        """Sample ``evaluation.k`` answers per problem of one benchmark batch and score them."""
-        self.evaluator.step(batch, batch_idx)
-
-    def on_validation_epoch_end(self) -> None:
-        """Log ``val/<benchmark>/<metric>``; after ``validate``, write the results table."""
-        self.evaluator.end(self, "val")
-
-    def on_test_epoch_start(self) -> None:
-        """Reset the benchmark metrics and push the policy's weights into the engine."""
-        self.evaluator.start(self, self.trainer.test_dataloaders)
-
-    def test_step(self, batch: BenchmarkBatch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Sample ``evaluation.k`` answers per problem of one benchmark batch and score them."""
-        self.evaluator.step(batch, batch_idx)
-
-    def on_test_epoch_end(self) -> None:
-        """Log ``test/<benchmark>/<metric>`` and write ``results.json``/``results.md``."""
-        self.evaluator.end(self, "test")
-
-    def teardown(self, stage: str) -> None:
-        """Stop the evaluation reward's worker processes."""
-        self.evaluator.close()
+        """AdamW with linear warm-up and a constant or cosine schedule (:mod:`dgpo.optim`)."""
+        hp = self.hparams
+        return adamw_with_schedule(
+            [p for p in self.parameters() if p.requires_grad], lr=hp.lr, betas=hp.betas,
+            weight_decay=hp.weight_decay, warmup_steps=hp.warmup_steps, schedule=hp.lr_schedule,
+            total_steps=int(self.trainer.estimated_stepping_batches),
+            min_lr_ratio=hp.min_lr_ratio)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Save the RNG states (the state dict already leaves the reference model out)."""
@@ -468,34 +389,6 @@ class RLVRModule(LightningModule):
                                f"missing keys {missing}, unexpected keys "
                                f"{result.unexpected_keys}")
         return result
-
-
-def _drop_reference_weights(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str,
-                            local_metadata: dict[str, Any]) -> None:
-    """A ``state_dict`` post-hook: remove the frozen reference model's entries."""
-    for key in [key for key in state_dict if key.startswith(f"{prefix}reference.")]:
-        del state_dict[key]
-
-
-def _k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Schulman's k3 estimator of KL(π‖π_ref) per token: exp(ref − logp) − (ref − logp) − 1."""
-    delta = torch.clamp(ref_logp - logp, -20.0, 20.0)
-    return torch.exp(delta) - delta - 1.0
-
-
-def _loss_from_name(value: str) -> PolicyLoss:
-    """A built-in loss by name, or a clear error for a class_path that is not a PolicyLoss.
-
-    jsonargparse falls back to the ``str`` branch of ``PolicyLoss | str`` when a ``class_path``
-    does not name a :class:`PolicyLoss` subclass, so that case arrives here as a string.
-    """
-    if value in LOSSES:
-        return build_loss(value)
-    if "class_path" in value or "." in value:
-        raise ValueError(
-            f"model.loss {value!r} is not a dgpo.losses.PolicyLoss: give the class_path of a "
-            f"PolicyLoss subclass (see dgpo.losses) or a built-in name: {', '.join(LOSSES)}")
-    return build_loss(value)  # raises: unknown loss, listing the known ones
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -7,8 +7,8 @@ import torch
 import yaml
 
 from dgpo.cli import main
-from dgpo.losses import DGPOLoss
-from dgpo.module import RLVRModule, _k3_kl
+from dgpo.losses import DGPOLoss, k3_kl
+from dgpo.module import RLVRModule
 from tests.plugins import recompute_step
 from tests.test_cli import epoch_metrics, initial_weights, run_dir, tiny_config
 
@@ -18,7 +18,7 @@ KL_COEF = 0.5
 def test_k3_by_hand():
     # π = 0.5, π_ref = 0.25: r = π_ref/π = 0.5, k3 = r − log r − 1 = 0.5 + log 2 − 1
     logp, ref = torch.tensor([math.log(0.5), 0.0]), torch.tensor([math.log(0.25), 0.0])
-    torch.testing.assert_close(_k3_kl(logp, ref), torch.tensor([math.log(2) - 0.5, 0.0]))
+    torch.testing.assert_close(k3_kl(logp, ref), torch.tensor([math.log(2) - 0.5, 0.0]))
 
 
 def test_k3_expectation_under_the_policy_is_the_exact_kl():
@@ -27,13 +27,13 @@ def test_k3_expectation_under_the_policy_is_the_exact_kl():
     logp = torch.log_softmax(torch.randn(5, 11, generator=generator, dtype=torch.float64), -1)
     ref = torch.log_softmax(torch.randn(5, 11, generator=generator, dtype=torch.float64), -1)
     expected = (logp.exp() * (logp - ref)).sum(-1)
-    torch.testing.assert_close((logp.exp() * _k3_kl(logp, ref)).sum(-1), expected)
+    torch.testing.assert_close((logp.exp() * k3_kl(logp, ref)).sum(-1), expected)
 
 
 def test_k3_gradient_is_one_minus_the_ratio():
     logp = torch.tensor([-0.3, -1.2, -2.0], requires_grad=True)
     ref = torch.tensor([-0.5, -0.4, -2.0])
-    _k3_kl(logp, ref).sum().backward()
+    k3_kl(logp, ref).sum().backward()
     torch.testing.assert_close(logp.grad, 1 - torch.exp(ref - logp.detach()))
 
 

@@ -218,11 +218,11 @@ def test_scale_out_checkpoint_resumes_the_same_curve(strategy, engine, launched,
 def test_scale_out_only_rank0_reads_the_weights_when_sharded(strategy, launched):
     base = next(iter(launched(strategy).values())).parent
     reads = [json.loads(line) for line in (base / "weight_reads.jsonl").read_text().splitlines()]
-    by_module = [read["rank"] for read in reads if read["caller"] == "dgpo/module.py"]
+    by_loader = [read["rank"] for read in reads if read["caller"] == "dgpo/loading.py"]
     fits = len(json.loads((base / "plan.json").read_text()))
     # one policy and one reference model per fit on rank 0
-    assert by_module.count(0) == 2 * fits
-    assert by_module.count(1) == (2 * fits if strategy == "ddp" else 0)
+    assert by_loader.count(0) == 2 * fits
+    assert by_loader.count(1) == (2 * fits if strategy == "ddp" else 0)
 
 
 @requires_vllm

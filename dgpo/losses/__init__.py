@@ -14,6 +14,7 @@ from dgpo.losses.cispo import CISPOLoss
 from dgpo.losses.dgpo import DGPOLoss
 from dgpo.losses.gppo import GPPOLoss
 from dgpo.losses.grpo import GRPOLoss
+from dgpo.losses.kl import k3_kl
 from dgpo.losses.pg import PGLoss
 
 #: The built-in losses by name.
@@ -63,5 +64,31 @@ __all__ = [
     "REGION_NAMES",
     "aggregate",
     "build_loss",
+    "k3_kl",
     "regions",
+    "resolve_loss",
 ]
+
+
+def resolve_loss(value: PolicyLoss | str | None) -> PolicyLoss:
+    """The policy loss of ``model.loss``: a :class:`PolicyLoss`, a built-in name, or ``None``.
+
+    ``None`` gives :class:`DGPOLoss` with its defaults. jsonargparse falls back to the ``str``
+    branch of ``PolicyLoss | str`` when a ``class_path`` does not name a :class:`PolicyLoss`
+    subclass, so that case arrives here as a string and gets its own error.
+
+    Raises:
+        ValueError: for an unknown name, or anything that is not a :class:`PolicyLoss`.
+    """
+    if value is None:
+        return DGPOLoss()
+    if isinstance(value, PolicyLoss):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"loss must be a dgpo.losses.PolicyLoss or one of {list(LOSSES)}, "
+                         f"got {type(value).__name__}")
+    if value not in LOSSES and ("class_path" in value or "." in value):
+        raise ValueError(
+            f"model.loss {value!r} is not a dgpo.losses.PolicyLoss: give the class_path of a "
+            f"PolicyLoss subclass (see dgpo.losses) or a built-in name: {', '.join(LOSSES)}")
+    return build_loss(value)  # an unknown name raises, listing the known ones
