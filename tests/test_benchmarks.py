@@ -34,3 +34,14 @@ def test_rollout_overhead_benchmark_prints_the_ratio():
                "2", "--new-tokens", "8", "--iterations", "1")
     assert re.fullmatch(r"rollout_overhead: dgpo rollout phase [\d.]+ s, bare vLLM generate "
                         r"[\d.]+ s, ratio [\d.]+x", last)
+
+
+def test_sharded_logprobs_benchmark_launches_two_ranks_per_strategy():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "sharded_logprobs.py"), "--model",
+                           "builtin:tiny-qwen2", "--prompt", "8", "--response", "8",
+                           "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()[-2:]
+    for strategy, line in zip(("fsdp1", "fsdp2"), lines, strict=True):
+        assert re.fullmatch(rf"sharded_logprobs {strategy} x2: 2x4 rows of 8\+8 tokens: plain "
+                            r"[\d.]+ s, shared [\d.]+ s, ratio [\d.]+x", line), line
