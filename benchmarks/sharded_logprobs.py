@@ -8,7 +8,7 @@ its KV cache shared by the group's samples) and once without (the baseline), alt
 ``--ranks`` CPU processes (gloo). The script starts them itself with torchrun.
 
     python benchmarks/sharded_logprobs.py                          # SmolLM2-135M, FSDP1 and FSDP2
-    python benchmarks/sharded_logprobs.py --prompt 128 --response 512 --samples 5
+    python benchmarks/sharded_logprobs.py --prompt 128 --response 256 --samples 5
 
 Last line per strategy: the median seconds of both and their ratio (baseline / shared).
 """
