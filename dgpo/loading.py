@@ -15,6 +15,9 @@ from torch.nn import Module
 
 from dgpo.distributed import load_from_rank0, meta_materializer
 
+#: The dtypes a config may name for weights or mixed-precision compute.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def load_causal_lm(path: str, dtype: torch.dtype, attn_implementation: str | None = None,
                    empty: bool = False) -> Module:

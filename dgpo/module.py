@@ -17,7 +17,7 @@ from dgpo.distributed import TokenMeans, call_in_forward, full_weights
 from dgpo.evaluation.config import EvalConfig
 from dgpo.evaluation.evaluator import Evaluator
 from dgpo.evaluation.hooks import EvaluationHooks
-from dgpo.loading import load_causal_lm, wrap_from_rank0
+from dgpo.loading import DTYPES, load_causal_lm, wrap_from_rank0
 from dgpo.logprobs import sequence_logprobs
 from dgpo.losses import PolicyLoss, k3_kl, resolve_loss
 from dgpo.models import resolve_model
@@ -25,8 +25,6 @@ from dgpo.optim import adamw_with_schedule, check_schedule, clip_grad_norm
 from dgpo.rollout.buffer import RolloutSample, collate_samples
 from dgpo.rollout.engine import RolloutEngine
 from dgpo.strategies import check_module_sharding, strategy_kind
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class RLVRModule(EvaluationHooks, LightningModule):
@@ -188,10 +186,11 @@ class RLVRModule(EvaluationHooks, LightningModule):
 
     @property
     def shares_prompts(self) -> bool:
-        """Whether log-probs run each distinct prompt once (``share_prompts``, when it applies).
+        """Whether training log-probs run each distinct prompt once (``share_prompts``).
 
         Not with activation checkpointing (Hugging Face's or the strategy's): a recomputed
-        decoder layer would write into the shared KV cache again.
+        decoder layer would write into the shared KV cache again. Scoring (no backward pass)
+        shares prompts whenever ``share_prompts`` is on.
         """
         return (self.hparams.share_prompts and self.policy is not None
                 and not recomputes_activations(self.policy))
@@ -221,14 +220,14 @@ class RLVRModule(EvaluationHooks, LightningModule):
 
     # -------------------------------------------------------------------------------- log-probs
     def _logprobs(self, model: torch.nn.Module, batch: dict[str, Tensor], with_entropy: bool,
-                  temperature: float | None = None) -> tuple[Tensor, Tensor]:
+                  share_prompts: bool, temperature: float | None = None) -> tuple[Tensor, Tensor]:
         temperature = self.temperature if temperature is None else temperature
         # FSDP: inside the model unit's forward, which gathers the parameters it holds (issue 7)
         return call_in_forward(model, lambda inner: sequence_logprobs(
             inner, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
             temperature=temperature, chunk_size=self.hparams.logprob_chunk_size,
             with_entropy=with_entropy, keep_gib=self.hparams.logprob_keep_gib,
-            share_prompts=self.shares_prompts, same_calls=self.sharded))
+            share_prompts=share_prompts, same_calls=self.sharded))
 
     @torch.no_grad()
     def score_samples(self, samples: list[RolloutSample], reference: bool = False,
@@ -247,8 +246,9 @@ class RLVRModule(EvaluationHooks, LightningModule):
         if not samples and not self.sharded:  # e.g. every π_old is deferred to the training pass
             return out
         pad = self.tokenizer.pad_token_id or 0
+        share = self.hparams.share_prompts  # no backward pass: nothing is recomputed
         batches = list(micro_batches(collate_samples(samples, pad), self.hparams.micro_batch_size,
-                                     by_group=self.shares_prompts)) if samples else []
+                                     by_group=share)) if samples else []
         if self.sharded:
             count = self.trainer.strategy.reduce(torch.tensor(len(batches), device=self.device),
                                                  reduce_op="max")
@@ -258,15 +258,13 @@ class RLVRModule(EvaluationHooks, LightningModule):
         was_training = model.training
         model.eval()
         for rows, micro in batches:
-            micro = self._to_device(micro)
-            logp, _ = self._logprobs(model, micro, with_entropy=False, temperature=temperature)
+            micro = {key: value.to(self.device) for key, value in micro.items()}
+            logp, _ = self._logprobs(model, micro, with_entropy=False, share_prompts=share,
+                                     temperature=temperature)
             for row, index in enumerate(rows.tolist() if rows is not None else []):
                 out[index] = logp[row][micro["response_mask"][row]].float().cpu()
         model.train(was_training)
         return out
-
-    def _to_device(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {key: value.to(self.device) for key, value in batch.items()}
 
     # -------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
@@ -292,7 +290,8 @@ class RLVRModule(EvaluationHooks, LightningModule):
         total_loss = torch.zeros((), device=self.device)
         for rows, micro in micro_batches(batch, self.hparams.micro_batch_size,
                                          by_group=self.shares_prompts):
-            logp, entropy = self._logprobs(self.policy, micro, with_entropy=True)
+            logp, entropy = self._logprobs(self.policy, micro, with_entropy=True,
+                                           share_prompts=self.shares_prompts)
             micro_mask = micro["response_mask"]
             old_logp = resolve_old_logp(micro["old_logp"], logp, micro.get("defer_old_logp"))
             out = self.loss_fn(logp, old_logp, micro["advantages"], micro_mask,

@@ -27,8 +27,7 @@ from torch.nn import Module
 from typing_extensions import override
 
 from dgpo.distributed import load_from_rank0
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from dgpo.loading import DTYPES
 
 
 class CPUFSDPStrategy(FSDPStrategy):

@@ -168,3 +168,30 @@ def test_activation_checkpointing_of_either_kind_turns_prompt_sharing_off(tiny_m
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
     model.gradient_checkpointing_enable()  # Hugging Face's
     assert recomputes_activations(model)
+
+
+@pytest.mark.parametrize("checkpointing", ["hugging_face", "wrappers"])
+def test_scoring_shares_prompts_even_with_activation_checkpointing(tiny_model_path,
+                                                                    checkpointing):
+    """No backward pass while scoring, so nothing is recomputed into the shared KV cache."""
+    from dgpo.rollout.buffer import RolloutSample
+    from dgpo.strategies import _checkpoint_layers
+
+    samples = [RolloutSample(prompt_ids=[5, 6, 7, 8], response_ids=response, advantage=0.0)
+               for response in ([9, 10, 11], [12, 13], [14, 15, 16, 17])]
+    scores = {}
+    for share in (False, True):
+        module = RLVRModule(tiny_model_path, share_prompts=share,
+                            gradient_checkpointing=checkpointing == "hugging_face")
+        module.configure_model()
+        if checkpointing == "wrappers":
+            _checkpoint_layers(module.policy, (type(module.policy.model.layers[0]),))
+        assert not module.shares_prompts  # training recomputes: no sharing there
+        calls: list[int] = []
+        module.policy.get_decoder().register_forward_hook(
+            lambda *args, calls=calls: calls.append(1))
+        scores[share] = module.score_samples(samples)
+        assert len(calls) == (2 if share else 1)  # prompt pass + responses, or one plain pass
+        assert module.policy.training
+    for shared, plain in zip(scores[True], scores[False], strict=True):
+        torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
