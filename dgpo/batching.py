@@ -66,16 +66,3 @@ def has_dropout(model: torch.nn.Module) -> bool:
     return any("dropout" in key and isinstance(value, float) and value > 0
                for key, value in values)
 
-
-def recomputes_activations(model: torch.nn.Module) -> bool:
-    """Whether ``model`` recomputes activations in the backward pass (activation checkpointing).
-
-    Either Hugging Face's ``gradient_checkpointing_enable()`` or the strategies' checkpoint
-    wrappers (``activation_checkpointing_policy`` of ``FSDPStrategy``,
-    ``FSDP2Strategy(activation_checkpointing=True)``). A recomputed decoder layer would write
-    into a KV cache a second time, so prompt sharing is off then.
-    """
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-
-    return any(getattr(module, "gradient_checkpointing", False) is True
-               or isinstance(module, CheckpointWrapper) for module in model.modules())

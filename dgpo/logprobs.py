@@ -15,6 +15,8 @@ chunk; a budget that holds every chunk costs the naive path's three projections 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -198,8 +200,9 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask:
         with_entropy: also compute the entropy.
         keep_gib: see :func:`token_logprobs`.
         share_prompts: run each distinct prompt once, with a KV cache shared by its rows. Same
-            numbers up to float rounding; needs a model that accepts ``past_key_values`` (and no
-            gradient checkpointing, which turns the cache off).
+            numbers up to float rounding; needs a model that accepts ``past_key_values`` (not
+            Hugging Face's gradient checkpointing while training: it drops the cache; checkpoint
+            wrappers are fine) and only full-attention layers (else the plain path runs).
         same_calls: with ``share_prompts``, call the decoder exactly twice whatever the batch
             (no repeated prompt, responses of at most one token). Under FSDP every call gathers
             parameters collectively, so every rank must make the same calls.
@@ -226,6 +229,52 @@ def sequence_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask:
     return full_logp.masked_scatter(mask, logp), full_entropy.masked_scatter(mask, entropy)
 
 
+def _prompt_cache(num_layers: int) -> Any:
+    """An empty KV cache whose layers keep only their latest states.
+
+    A decoder layer that activation checkpointing recomputes in the backward pass writes its
+    states again; appending them (as a ``DynamicCache`` does) would double the prompt.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class OverwriteLayer(DynamicLayer):
+        def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[Tensor, Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+
+    cache = DynamicCache()
+    cache.layers = [OverwriteLayer() for _ in range(num_layers)]
+    return cache
+
+
+def _response_cache(prompt_cache: Any, index: Tensor) -> Any:
+    """A KV cache holding row ``index[i]`` of ``prompt_cache`` as row ``i``'s fixed prefix.
+
+    Each update returns the prefix followed by the new states without storing them, so a
+    recomputed layer sees exactly what it saw the first time. The prefix tensors are the prompt
+    pass's own outputs: gradients flow back through them into the prompt.
+    """
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class PrefixLayer(DynamicLayer):
+        def update(self, key_states: Tensor, value_states: Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[Tensor, Tensor]:
+            return (torch.cat([self.keys, key_states], dim=-2),
+                    torch.cat([self.values, value_states], dim=-2))
+
+    cache = DynamicCache()
+    cache.layers = []
+    for source in prompt_cache.layers:
+        layer = PrefixLayer()
+        layer.lazy_initialization(source.keys, source.values)
+        layer.keys, layer.values = source.keys[index], source.values[index]
+        cache.layers.append(layer)
+    return cache
+
+
 def _shared_prompt_hidden(decoder: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor,
                           response_mask: Tensor,
                           same_calls: bool = False) -> tuple[Tensor, Tensor] | None:
@@ -236,7 +285,9 @@ def _shared_prompt_hidden(decoder: torch.nn.Module, input_ids: Tensor, attention
     of it. The hidden state that predicts a row's first response token is its prompt's last
     one. Returns ``(hidden, targets)`` for the positions of ``response_mask`` in row-major order
     (as ``hidden[:, :-1][response_mask]`` would be), or ``None`` when no prompt repeats
-    (unless ``same_calls``: then the decoder always runs twice, see :func:`sequence_logprobs`).
+    (unless ``same_calls``: then the decoder always runs twice, see :func:`sequence_logprobs`)
+    or the model has sliding-window layers. Both caches are safe under activation
+    checkpointing (see :func:`_prompt_cache` and :func:`_response_cache`).
     """
     rows, length = input_ids.shape
     has_response = response_mask.any(-1)
@@ -255,14 +306,19 @@ def _shared_prompt_hidden(decoder: torch.nn.Module, input_ids: Tensor, attention
     for prompt, index in keys.items():  # left padding: every prompt ends in the last column
         prompts[index, width - len(prompt):] = torch.tensor(prompt, device=device)
         prompt_mask[index, width - len(prompt):] = 1
+    layer_types = getattr(decoder.config, "layer_types", None) or ["full_attention"]
+    if any(kind != "full_attention" for kind in layer_types):
+        return None  # sliding-window layers: each would need its own prefix cache
+    cache = _prompt_cache(decoder.config.num_hidden_layers)
     out = decoder(input_ids=prompts, attention_mask=prompt_mask,
-                  position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
-    cache = out.past_key_values
-    if cache is None:  # e.g. gradient checkpointing turned the cache off
-        raise RuntimeError("share_prompts needs the model's KV cache (turn gradient "
-                           "checkpointing off, or share_prompts off)")
+                  position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), past_key_values=cache,
+                  use_cache=True)
+    if not all(layer.is_initialized for layer in cache.layers):  # Hugging Face's gradient
+        # checkpointing drops the cache while training
+        raise RuntimeError("share_prompts needs the model's KV cache (turn Hugging Face's "
+                           "gradient checkpointing off, or share_prompts off)")
     index = torch.tensor(row_prompt, device=device)
-    cache.batch_select_indices(index)
+    cache = _response_cache(cache, index)
     starts = torch.tensor(prompt_lengths, device=device)
     response_lengths = attention_mask.sum(-1) - starts
     span = int(response_lengths.max())

@@ -11,7 +11,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torch.distributed.fsdp.wrap import wrap
 
-from dgpo.batching import has_dropout, micro_batches, recomputes_activations, resolve_old_logp
+from dgpo.batching import has_dropout, micro_batches, resolve_old_logp
 from dgpo.checkpoint import drop_reference_weights, restore_rng_states, rng_states
 from dgpo.distributed import TokenMeans, call_in_forward, full_weights
 from dgpo.evaluation.config import EvalConfig
@@ -67,9 +67,11 @@ class RLVRModule(EvaluationHooks, LightningModule):
         logprob_keep_gib: log-softmax chunks (float32) of up to this many GiB per micro-batch are
             kept for the backward pass; the rest are recomputed there (``0``: least memory).
         share_prompts: run each distinct prompt of a micro-batch through the model once, its KV
-            cache shared by the group's samples (same numbers; skipped with activation
-            checkpointing). Micro-batches then keep groups together.
-        gradient_checkpointing: recompute activations in the backward pass to save memory.
+            cache shared by the group's samples (same numbers; training passes skip it with
+            ``gradient_checkpointing``). Micro-batches then keep groups together.
+        gradient_checkpointing: Hugging Face's activation checkpointing (drops the KV cache,
+            hence prompt sharing, while training); under FSDP prefer the strategy's
+            ``activation_checkpointing_policy``, which keeps it.
         attn_implementation: passed to ``from_pretrained`` (e.g. ``"sdpa"`` or
             ``"flash_attention_2"``).
         evaluation: sampling and scoring of validation and test (``k``, ``temperature``, ...);
@@ -188,12 +190,12 @@ class RLVRModule(EvaluationHooks, LightningModule):
     def shares_prompts(self) -> bool:
         """Whether training log-probs run each distinct prompt once (``share_prompts``).
 
-        Not with activation checkpointing (Hugging Face's or the strategy's): a recomputed
-        decoder layer would write into the shared KV cache again. Scoring (no backward pass)
-        shares prompts whenever ``share_prompts`` is on.
+        Not with Hugging Face's gradient checkpointing, which drops the KV cache while training;
+        the strategies' activation checkpointing is fine. Scoring (no backward pass) shares
+        prompts whenever ``share_prompts`` is on.
         """
         return (self.hparams.share_prompts and self.policy is not None
-                and not recomputes_activations(self.policy))
+                and not getattr(self.policy, "is_gradient_checkpointing", False))
 
     @property
     def can_defer_old_logp(self) -> bool:

@@ -208,3 +208,39 @@ def test_same_calls_run_the_decoder_twice_with_the_same_numbers(rows):
             assert same_grad is None or not same_grad.any()
         else:
             torch.testing.assert_close(same_grad, grad, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_prompts_survive_activation_checkpointing():
+    """Recomputed layers (the strategies' checkpoint wrappers) see the same KV cache again."""
+    from dgpo.strategies import _checkpoint_layers
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=120, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+    reference = Qwen2ForCausalLM(config).double().train()
+    model = Qwen2ForCausalLM(config).double().train()
+    model.load_state_dict(reference.state_dict())
+    _checkpoint_layers(model, (type(model.model.layers[0]),))
+    batch = grouped_batch(torch.Generator().manual_seed(1))
+    results = []
+    for net, share in ((reference, False), (model, True)):
+        logp, entropy = sequence_logprobs(net, *batch, share_prompts=share)
+        (logp.sum() + entropy.sum()).backward()
+        grads = {name.replace("_checkpoint_wrapped_module.", ""): p.grad
+                 for name, p in net.named_parameters()}
+        results.append((logp, grads))
+    (logp, grads), (shared_logp, shared_grads) = results
+    torch.testing.assert_close(shared_logp, logp, rtol=1e-6, atol=1e-6)
+    assert set(shared_grads) == set(grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_shared_prompts_refuse_hugging_face_gradient_checkpointing():
+    config = Qwen2Config(vocab_size=120, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+    model = Qwen2ForCausalLM(config).train()
+    model.gradient_checkpointing_enable()
+    with pytest.raises(RuntimeError, match="share_prompts needs the model's KV cache"):
+        sequence_logprobs(model, *grouped_batch(torch.Generator().manual_seed(1)),
+                          share_prompts=True)

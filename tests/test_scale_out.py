@@ -17,8 +17,8 @@ on one process (3 epochs) is the reference. Checked per (strategy, engine):
 
 The KL penalty is on (``kl_coef > 0``), so the frozen reference model is sharded, scored and
 left out of the checkpoints. The FSDP and FSDP2 cases with the transformers engine also
-checkpoint activations (as the paper configs do), which turns prompt sharing off; the others
-share prompt passes, under FSDP too.
+checkpoint activations (as the paper configs do); every case shares prompt passes, so those
+recompute layers that read and write the shared KV cache.
 """
 
 import copy
@@ -188,8 +188,8 @@ def test_scale_out_step_gradient_equals_one_process_on_same_batch(strategy, engi
     """Step 0 (π_old deferred where allowed, KL 0) and step 1 (π_old scored, KL > 0)."""
     record = torch.load(launched(strategy)[engine] / "steps.pt", weights_only=False)[step]
     assert record["world_size"] == 2
-    # the transformers-engine FSDP cases checkpoint activations, which turns prompt sharing off
-    assert record["shares_prompts"] == (engine == "vllm" or strategy == "ddp")
+    # every case shares prompts, the transformers-engine FSDP ones with activation checkpointing
+    assert record["shares_prompts"]
     # the first mini-batch's π_old comes from its training pass, under every strategy
     deferred = [record["samples"][i].defer_old_logp for i in record["indices"]]
     assert all(deferred) if step == 0 else not any(deferred)

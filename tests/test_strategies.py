@@ -6,7 +6,6 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-from dgpo.batching import recomputes_activations
 from dgpo.distributed import full_weights, load_from_rank0, meta_materializer
 from dgpo.module import RLVRModule
 from dgpo.strategies import (
@@ -155,19 +154,17 @@ def test_fsdp2_strategy_refuses_an_empty_model_on_rank0(one_rank, tiny_model_pat
         strategy._shard(_empty_tiny_model(tiny_model_path))
 
 
-def test_activation_checkpointing_of_either_kind_turns_prompt_sharing_off(tiny_model_path):
-    from transformers import AutoModelForCausalLM
-
+def test_only_hugging_face_checkpointing_turns_training_prompt_sharing_off(tiny_model_path):
     from dgpo.strategies import _checkpoint_layers
 
-    module = RLVRModule(tiny_model_path)
-    module.configure_model()
-    assert module.shares_prompts
-    _checkpoint_layers(module.policy, (type(module.policy.model.layers[0]),))  # the strategies'
-    assert recomputes_activations(module.policy) and not module.shares_prompts
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
-    model.gradient_checkpointing_enable()  # Hugging Face's
-    assert recomputes_activations(model)
+    wrapped = RLVRModule(tiny_model_path)
+    wrapped.configure_model()
+    assert wrapped.shares_prompts
+    _checkpoint_layers(wrapped.policy, (type(wrapped.policy.model.layers[0]),))  # strategies'
+    assert wrapped.shares_prompts  # the prompt cache is safe to recompute
+    hugging_face = RLVRModule(tiny_model_path, gradient_checkpointing=True)
+    hugging_face.configure_model()
+    assert not hugging_face.shares_prompts  # it drops the KV cache while training
 
 
 @pytest.mark.parametrize("checkpointing", ["hugging_face", "wrappers"])
@@ -186,7 +183,7 @@ def test_scoring_shares_prompts_even_with_activation_checkpointing(tiny_model_pa
         module.configure_model()
         if checkpointing == "wrappers":
             _checkpoint_layers(module.policy, (type(module.policy.model.layers[0]),))
-        assert not module.shares_prompts  # training recomputes: no sharing there
+        assert module.shares_prompts == (share and checkpointing == "wrappers")
         calls: list[int] = []
         module.policy.get_decoder().register_forward_hook(
             lambda *args, calls=calls: calls.append(1))
