@@ -9,6 +9,7 @@ its KV cache shared by the group's samples) and once without (the baseline), alt
 
     python benchmarks/sharded_logprobs.py                          # SmolLM2-135M, FSDP1 and FSDP2
     python benchmarks/sharded_logprobs.py --prompt 128 --response 256 --samples 5
+    python benchmarks/sharded_logprobs.py --prompt 128 --response 512 --samples 5 --checkpointing
 
 Last line per strategy: the median seconds of both and their ratio (baseline / shared).
 """
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     parser.add_argument("--response", type=int, default=256, help="response tokens")
     parser.add_argument("--repeats", type=int, default=3, help="timed, after one warm-up")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="checkpoint each decoder layer's activations (the paper configs)")
     args = parser.parse_args()
     if "RANK" not in os.environ:
         launch(args)
@@ -55,7 +58,8 @@ def launch(args: argparse.Namespace) -> None:
                    str(args.ranks), "--master_port", str(port), __file__, "--model", model,
                    "--strategies", strategy, "--ranks", str(args.ranks), "--groups",
                    str(args.groups), "--samples", str(args.samples), "--prompt", str(args.prompt),
-                   "--response", str(args.response), "--repeats", str(args.repeats)]
+                   "--response", str(args.response), "--repeats", str(args.repeats),
+                   *(["--checkpointing"] if args.checkpointing else [])]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode:
@@ -71,6 +75,7 @@ def measure(args: argparse.Namespace) -> None:
 
     from dgpo.distributed import call_in_forward
     from dgpo.logprobs import sequence_logprobs
+    from dgpo.strategies import _checkpoint_layers
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -85,9 +90,13 @@ def measure(args: argparse.Namespace) -> None:
 
         model = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({layer}),
                                          device_id=torch.device("cpu"), use_orig_params=True)
+        if args.checkpointing:  # after wrapping, as Lightning's activation_checkpointing_policy
+            _checkpoint_layers(model, (layer,))
     else:
         from torch.distributed.fsdp import fully_shard
 
+        if args.checkpointing:  # before sharding, as dgpo's FSDP2Strategy
+            _checkpoint_layers(model, (layer,))
         for module in [m for m in model.modules() if isinstance(m, layer)]:
             fully_shard(module)
         fully_shard(model)
@@ -120,9 +129,10 @@ def measure(args: argparse.Namespace) -> None:
                 times[share].append(seconds)
     if rank == 0:
         plain, shared = statistics.median(times[False]), statistics.median(times[True])
+        checkpointing = ", checkpointing" if args.checkpointing else ""
         print(f"sharded_logprobs {strategy} x{args.ranks}: {args.groups}x{args.samples} rows of "
-              f"{args.prompt}+{args.response} tokens: plain {plain:.2f} s, shared {shared:.2f} s, "
-              f"ratio {plain / shared:.2f}x", flush=True)
+              f"{args.prompt}+{args.response} tokens{checkpointing}: plain {plain:.2f} s, shared "
+              f"{shared:.2f} s, ratio {plain / shared:.2f}x", flush=True)
     dist.destroy_process_group()
 
 
