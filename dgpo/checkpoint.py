@@ -105,3 +105,14 @@ def drop_reference_weights(module: torch.nn.Module, state_dict: dict[str, Any], 
     """
     for key in [key for key in state_dict if key.startswith(f"{prefix}reference.")]:
         del state_dict[key]
+
+
+def allow_missing_reference_weights(module: torch.nn.Module, incompatible_keys: Any) -> None:
+    """A ``load_state_dict`` post-hook: the frozen reference model's entries may be missing.
+
+    They are, in every checkpoint (:func:`drop_reference_weights`); the reference model keeps the
+    weights it was loaded with. Strict loading still refuses any other missing or unexpected key:
+    torch checks the lists after its post-hooks have edited them.
+    """
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if not key.startswith("reference.")]

@@ -289,6 +289,9 @@ def _shared_prompt_hidden(decoder: torch.nn.Module, input_ids: Tensor, attention
     or the model has sliding-window layers. Both caches are safe under activation
     checkpointing (see :func:`_prompt_cache` and :func:`_response_cache`).
     """
+    layer_types = getattr(decoder.config, "layer_types", None) or ["full_attention"]
+    if any(kind != "full_attention" for kind in layer_types):
+        return None  # sliding-window layers: each would need its own prefix cache
     rows, length = input_ids.shape
     has_response = response_mask.any(-1)
     # a row's prompt ends where its first response target starts (response_mask is shifted)
@@ -306,9 +309,6 @@ def _shared_prompt_hidden(decoder: torch.nn.Module, input_ids: Tensor, attention
     for prompt, index in keys.items():  # left padding: every prompt ends in the last column
         prompts[index, width - len(prompt):] = torch.tensor(prompt, device=device)
         prompt_mask[index, width - len(prompt):] = 1
-    layer_types = getattr(decoder.config, "layer_types", None) or ["full_attention"]
-    if any(kind != "full_attention" for kind in layer_types):
-        return None  # sliding-window layers: each would need its own prefix cache
     cache = _prompt_cache(decoder.config.num_hidden_layers)
     out = decoder(input_ids=prompts, attention_mask=prompt_mask,
                   position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0), past_key_values=cache,

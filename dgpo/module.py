@@ -12,7 +12,12 @@ from torch import Tensor
 from torch.distributed.fsdp.wrap import wrap
 
 from dgpo.batching import has_dropout, micro_batches, resolve_old_logp
-from dgpo.checkpoint import drop_reference_weights, restore_rng_states, rng_states
+from dgpo.checkpoint import (
+    allow_missing_reference_weights,
+    drop_reference_weights,
+    restore_rng_states,
+    rng_states,
+)
 from dgpo.distributed import TokenMeans, call_in_forward, full_weights
 from dgpo.evaluation.config import EvalConfig
 from dgpo.evaluation.evaluator import Evaluator
@@ -120,8 +125,11 @@ class RLVRModule(EvaluationHooks, LightningModule):
         self.reference: torch.nn.Module | None = None
         self._tokenizer: Any = None
         self._token_means = TokenMeans()  # token-weighted train metrics, reduced at epoch end
-        # The frozen reference model is not state: checkpoints reload it from its path.
+        # The frozen reference model is not state: checkpoints reload it from its path, and
+        # every strict load that goes through load_state_dict accepts its absence (FSDP2Strategy
+        # hides it from Lightning's parameter-by-parameter load of full checkpoints).
         self.register_state_dict_post_hook(drop_reference_weights)
+        self.register_load_state_dict_post_hook(allow_missing_reference_weights)
 
     # ----------------------------------------------------------------------------------- models
     @property
@@ -290,10 +298,10 @@ class RLVRModule(EvaluationHooks, LightningModule):
             raise RuntimeError(f"mini-batch {batch_idx} defers its behaviour log-probs to the "
                                "training pass, which is exact only before the first update")
         total_loss = torch.zeros((), device=self.device)
-        for rows, micro in micro_batches(batch, self.hparams.micro_batch_size,
-                                         by_group=self.shares_prompts):
+        share = self.shares_prompts
+        for rows, micro in micro_batches(batch, self.hparams.micro_batch_size, by_group=share):
             logp, entropy = self._logprobs(self.policy, micro, with_entropy=True,
-                                           share_prompts=self.shares_prompts)
+                                           share_prompts=share)
             micro_mask = micro["response_mask"]
             old_logp = resolve_old_logp(micro["old_logp"], logp, micro.get("defer_old_logp"))
             out = self.loss_fn(logp, old_logp, micro["advantages"], micro_mask,
@@ -372,24 +380,6 @@ class RLVRModule(EvaluationHooks, LightningModule):
         """Restore the RNG states."""
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
-
-    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """Load a state dict; the frozen reference model keeps its weights when it is left out.
-
-        :meth:`state_dict` leaves the reference model out, so no checkpoint holds it. Single
-        device, DDP and FSDP1 (full and sharded) checkpoints load through here, and strict
-        loading still refuses any other missing or unexpected key; FSDP2Strategy hides the
-        reference model while it loads.
-        """
-        if self.reference is None or any(key.startswith("reference.") for key in state_dict):
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [key for key in result.missing_keys if not key.startswith("reference.")]
-        if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: "
-                               f"missing keys {missing}, unexpected keys "
-                               f"{result.unexpected_keys}")
-        return result
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -237,8 +237,9 @@ class FSDP2Strategy(ModelParallelStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
         # Lightning loads a full checkpoint parameter by parameter over every submodule, not
-        # through the module's load_state_dict; the frozen reference model, which checkpoints
-        # leave out (RLVRModule.state_dict), must not be looked for.
+        # through the module's load_state_dict (whose post-hook accepts the reference model's
+        # absence); the frozen reference model, which checkpoints leave out, must not be looked
+        # for.
         with _detached(self.lightning_module, "reference"):
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
 
