@@ -98,7 +98,7 @@ def run_dgpo(engine_name: str, model: str, prompts: int, n: int, new_tokens: int
                               ignore_eos=True)
     module = RLVRModule(model, loss="grpo", lr=1e-6, micro_batch_size=prompts * n)
     data = RLVRDataModule(train_file=str(train_file), template="{problem}",
-                          max_prompt_length=256)
+                          max_prompt_length=256, tokenizer=module.tokenizer)
     trainer = Trainer(accelerator="cpu", devices=1, precision="32-true", max_epochs=iterations,
                       callbacks=[timer, rollout], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False,

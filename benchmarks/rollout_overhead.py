@@ -96,7 +96,8 @@ def main() -> None:
         module = RLVRModule(args.model, loss="grpo", lr=1e-6,
                             micro_batch_size=args.prompts * args.n)
         trainer.fit(module, datamodule=RLVRDataModule(train_file=str(train_file),
-                                                      max_prompt_length=256))
+                                                      max_prompt_length=256,
+                                                      tokenizer=module.tokenizer))
 
     timed = rows[1:]  # the first epoch warms up
     print(f"{args.model}: {args.prompts} prompts x {args.n} samples x {args.new_tokens} tokens, "

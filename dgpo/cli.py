@@ -5,14 +5,26 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dgpo.data import RLVRDataModule
 from dgpo.module import RLVRModule
+from dgpo.rollout import RolloutCallback, RolloutEngine
 
 
 class DGPOCLI(LightningCLI):
-    """LightningCLI for dgpo: the RLVR module and data module, seeds and config saving.
+    """LightningCLI for dgpo: the RLVR module and data module, the engine and the rollout.
+
+    Two top-level sections besides ``model``, ``data`` and ``trainer``:
+
+    - ``engine:`` the rollout engine (``class_path`` of a :class:`~dgpo.rollout.RolloutEngine`).
+      Training rollouts and validation/test both use it: it is handed to the rollout callback
+      and to the module, and the data module learns from it how many ranks an engine spans.
+    - ``rollout:`` the :class:`~dgpo.rollout.RolloutCallback` (a forced callback), so that
+      ``--rollout.n 4`` works on the command line; ``model.temperature`` follows
+      ``rollout.temperature``.
+
+    The data module receives the module's tokenizer explicitly.
 
     ``validate``/``test``/``predict`` with ``--ckpt_path`` take only the weights from the
     checkpoint: the config and the command line say how to evaluate. (LightningCLI would
@@ -21,9 +33,30 @@ class DGPOCLI(LightningCLI):
     checkpoint's hyperparameters, as LightningCLI does.
     """
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Add the ``engine`` and ``rollout`` sections and hand their objects to their users."""
+        parser.add_subclass_arguments(RolloutEngine, "engine", required=True,
+                                      help="The rollout engine (training and evaluation).")
+        parser.add_lightning_class_args(RolloutCallback, "rollout")
+        parser.link_arguments("engine", "rollout.engine", apply_on="instantiate")
+        parser.link_arguments("engine", "model.engine", apply_on="instantiate")
+        parser.link_arguments("engine", "data.ranks_per_engine", apply_on="instantiate",
+                              compute_fn=_ranks_per_engine)
+        parser.link_arguments("rollout.temperature", "model.temperature")
+        parser.link_arguments("model", "data.tokenizer", apply_on="instantiate",
+                              compute_fn=_tokenizer)
+
     def _parse_ckpt_path(self) -> None:
         if self.config.get("subcommand") in (None, "fit"):
             super()._parse_ckpt_path()
+
+
+def _ranks_per_engine(engine: RolloutEngine) -> Any:
+    return engine.ranks_per_engine
+
+
+def _tokenizer(module: RLVRModule) -> Any:
+    return module.tokenizer
 
 
 def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DGPOCLI:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.distributed.fsdp.wrap import wrap
 
@@ -24,7 +25,7 @@ from dgpo.evaluation.evaluator import Evaluator
 from dgpo.evaluation.hooks import EvaluationHooks
 from dgpo.loading import DTYPES, load_causal_lm, wrap_from_rank0
 from dgpo.logprobs import sequence_logprobs
-from dgpo.losses import PolicyLoss, k3_kl, resolve_loss
+from dgpo.losses import PolicyLoss, k3_kl, loss_config, resolve_loss
 from dgpo.models import resolve_model
 from dgpo.optim import adamw_with_schedule, check_schedule, clip_grad_norm
 from dgpo.rollout.buffer import RolloutSample, collate_samples
@@ -40,13 +41,15 @@ class RLVRModule(EvaluationHooks, LightningModule):
     length to limit padding, whose gradients accumulate before the step. The loss is normalised
     by the global token count of the mini-batch, so the split does not change the gradient.
 
-    Public interface for callbacks: :attr:`tokenizer`, :attr:`policy`, :attr:`model_path`,
-    :meth:`score_samples` (behaviour / reference log-probs), :meth:`named_weights_for_engine` and
-    :attr:`temperature` (set by the rollout callback to the sampling temperature),
-    :attr:`rollout_engine` (set by the rollout callback; validation and test sample with it) and
-    :attr:`sharded` (whether FSDP shards the policy over ranks). Under FSDP (``FSDPStrategy``,
-    :mod:`dgpo.strategies`) and DDP each rank trains on its part of every mini-batch;
-    :meth:`score_samples` and :meth:`named_weights_for_engine` are then collectives.
+    The rollout callback reads it through :class:`~dgpo.rollout.policy.RolloutPolicy` (a typed,
+    read-only interface: tokenizer, model path, the module an engine may sample from, its weights
+    for the engine, behaviour / reference log-probs) and never sets attributes on it. Under FSDP
+    (``FSDPStrategy``, :mod:`dgpo.strategies`) and DDP each rank trains on its part of every
+    mini-batch; :meth:`score_samples` and :meth:`named_weights_for_engine` are then collectives.
+
+    A step whose loss or gradient norm is not finite is skipped (no update, counted in
+    ``train/skipped_steps``); more than ``max_skipped_steps`` in a row stop the run with an error
+    naming the metric, step and epoch, before any checkpoint of the bad state is written.
 
     Validation and test sample answers to the data module's benchmarks
     (:class:`~dgpo.evaluation.hooks.EvaluationHooks`).
@@ -55,7 +58,13 @@ class RLVRModule(EvaluationHooks, LightningModule):
         model_name_or_path: a local Hugging Face folder, a hub id, or a built-in name
             (``builtin:smollm2-135m-instruct``, ``builtin:tiny-qwen2``).
         loss: the policy loss: a :class:`~dgpo.losses.PolicyLoss` (``class_path`` in YAML) or a
-            built-in name (``"dgpo"``, ``"grpo"``, ...). Defaults to ``DGPOLoss()``.
+            built-in name (``"dgpo"``, ``"grpo"``, ...). Defaults to ``DGPOLoss()``. Saved with
+            the checkpoint (class and hyper-parameters) and rebuilt by ``load_from_checkpoint``.
+        engine: the rollout engine that validation and test sample with (the CLI hands the
+            top-level ``engine:`` to this and to the rollout callback); ``None``: a
+            :class:`~dgpo.rollout.TransformersEngine` on the policy.
+        temperature: the sampling temperature of the rollouts, which the training log-probs
+            use too (the CLI links it from ``rollout.temperature``).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -81,6 +90,8 @@ class RLVRModule(EvaluationHooks, LightningModule):
             ``"flash_attention_2"``).
         evaluation: sampling and scoring of validation and test (``k``, ``temperature``, ...);
             see :class:`~dgpo.evaluation.EvalConfig` for the defaults (the paper's).
+        max_skipped_steps: how many optimiser steps in a row may be skipped for a non-finite
+            loss or gradient norm before the run stops with an error.
 
     Raises:
         ValueError: for an unknown loss name or an out-of-range setting.
@@ -97,10 +108,11 @@ class RLVRModule(EvaluationHooks, LightningModule):
                  logprob_chunk_size: int = 512, logprob_keep_gib: float = 1.0,
                  share_prompts: bool = True, gradient_checkpointing: bool = False,
                  attn_implementation: str | None = None,
-                 evaluation: EvalConfig | None = None) -> None:
+                 evaluation: EvalConfig | None = None, engine: RolloutEngine | None = None,
+                 temperature: float = 1.0, max_skipped_steps: int = 3) -> None:
         super().__init__()
         evaluation = EvalConfig.build(evaluation)  # a dict when loaded from a checkpoint
-        loss = resolve_loss(loss)
+        loss = resolve_loss(loss)  # a dict (class_path, init_args) when loaded from a checkpoint
         check_schedule(lr, weight_decay, warmup_steps, lr_schedule, min_lr_ratio)
         _check_positive("micro_batch_size", micro_batch_size)
         _check_positive("logprob_chunk_size", logprob_chunk_size)
@@ -110,17 +122,21 @@ class RLVRModule(EvaluationHooks, LightningModule):
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if max_grad_norm is not None:
             _check_positive("max_grad_norm", max_grad_norm)
+        _check_positive("temperature", temperature)
+        if isinstance(max_skipped_steps, bool) or not max_skipped_steps >= 0:
+            raise ValueError(
+                f"max_skipped_steps must be an integer >= 0, got {max_skipped_steps!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-        self.save_hyperparameters(ignore=["loss", "evaluation"])
+        self.save_hyperparameters(ignore=["loss", "evaluation", "engine"])
         self.hparams["evaluation"] = asdict(evaluation)  # plain values: weights_only loading
-        self.evaluator = Evaluator(evaluation)
-        self.rollout_engine: RolloutEngine | None = None
+        self.hparams["loss"] = loss_config(loss)  # class_path + init_args: load_from_checkpoint
+        self.evaluator = Evaluator(evaluation, engine)
         self.loss_fn = loss
         self.model_name_or_path = model_name_or_path
         self._model_path = resolve_model(model_name_or_path, check_only=True)
         self.automatic_optimization = False
-        self.temperature = 1.0
+        self._skips_in_row = 0
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self._tokenizer: Any = None
@@ -190,6 +206,24 @@ class RLVRModule(EvaluationHooks, LightningModule):
                               empty=self._loads_on_rank0 and self.global_rank != 0)
 
     @property
+    def sampling_temperature(self) -> float:
+        """The rollouts' sampling temperature (``temperature``), which training log-probs use."""
+        return float(self.hparams.temperature)
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether a frozen reference model is loaded (``kl_coef > 0``) for ``score_samples``."""
+        return self.reference is not None
+
+    def policy_for_engine(self) -> torch.nn.Module | None:
+        """The policy module an engine may sample from in place, or None when it is sharded.
+
+        A sharded policy cannot be sampled from directly: the engine then keeps its own copy,
+        loaded from :attr:`model_path` and updated by :meth:`named_weights_for_engine`.
+        """
+        return None if self.sharded else self.policy
+
+    @property
     def sharded(self) -> bool:
         """Whether the policy's parameters are sharded over ranks (FSDP1 or FSDP2)."""
         return self._trainer is not None and strategy_kind(self.trainer.strategy) != "replicated"
@@ -222,7 +256,7 @@ class RLVRModule(EvaluationHooks, LightningModule):
         every rank must consume the iterator (see :func:`dgpo.distributed.full_weights`).
         """
         assert self.policy is not None, "configure_model() has not run"
-        if self.sharded:  # scale-out (issue 7)
+        if self.sharded:
             yield from full_weights(self.policy)
             return
         for name, tensor in self.policy.state_dict().items():
@@ -231,8 +265,8 @@ class RLVRModule(EvaluationHooks, LightningModule):
     # -------------------------------------------------------------------------------- log-probs
     def _logprobs(self, model: torch.nn.Module, batch: dict[str, Tensor], with_entropy: bool,
                   share_prompts: bool, temperature: float | None = None) -> tuple[Tensor, Tensor]:
-        temperature = self.temperature if temperature is None else temperature
-        # FSDP: inside the model unit's forward, which gathers the parameters it holds (issue 7)
+        temperature = self.sampling_temperature if temperature is None else temperature
+        # FSDP: inside the model unit's forward, which gathers the parameters it holds
         return call_in_forward(model, lambda inner: sequence_logprobs(
             inner, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
             temperature=temperature, chunk_size=self.hparams.logprob_chunk_size,
@@ -244,11 +278,12 @@ class RLVRModule(EvaluationHooks, LightningModule):
                       temperature: float | None = None) -> list[Tensor]:
         """Log-probs of each sample's response tokens under the policy (or the reference model).
 
-        ``temperature`` defaults to the sampling temperature (:attr:`temperature`). Runs in eval
-        mode in micro-batches sorted by length (groups together when prompts are shared); returns
-        one float32 CPU tensor per sample, in the input order. Under FSDP every rank must call it
-        (a collective), with any number of samples: a rank with fewer micro-batches than another
-        repeats one (or a one-token filler) so that all ranks make the same forward passes.
+        ``temperature`` defaults to the sampling temperature (:attr:`sampling_temperature`).
+        Runs in eval mode in micro-batches sorted by length (groups together when prompts are
+        shared); returns one float32 CPU tensor per sample, in the input order. Under FSDP every
+        rank must call it (a collective), with any number of samples: a rank with fewer
+        micro-batches than another repeats one (or a one-token filler) so that all ranks make the
+        same forward passes.
         """
         model = self.reference if reference else self.policy
         assert model is not None, "the model is not loaded (configure_model) or kl_coef is 0"
@@ -280,6 +315,10 @@ class RLVRModule(EvaluationHooks, LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
         """One optimiser step on one mini-batch; returns the loss and per-token diagnostics.
 
+        The optimised total is the policy loss, plus ``kl_coef`` times the KL penalty, minus
+        ``entropy_coef`` times the entropy (each a global token mean): ``train/loss`` logs that
+        total, ``train/policy_loss``, ``train/kl_loss`` and ``train/entropy_loss`` its terms.
+
         The returned dict (available to callbacks in ``on_train_batch_end`` as ``outputs``) holds
         ``loss`` and detached ``(B, L−1)`` tensors ``ratio``, ``advantages``, ``mask``,
         ``old_logp``, ``logp`` and ``prob_weight`` (``None`` for a loss that does not state it).
@@ -297,7 +336,8 @@ class RLVRModule(EvaluationHooks, LightningModule):
         if deferred is not None and deferred.any() and batch_idx != 0:
             raise RuntimeError(f"mini-batch {batch_idx} defers its behaviour log-probs to the "
                                "training pass, which is exact only before the first update")
-        total_loss = torch.zeros((), device=self.device)
+        terms = {name: torch.zeros((), device=self.device)
+                 for name in ("policy_loss", "kl_loss", "entropy_loss")}
         share = self.shares_prompts
         for rows, micro in micro_batches(batch, self.hparams.micro_batch_size, by_group=share):
             logp, entropy = self._logprobs(self.policy, micro, with_entropy=True,
@@ -308,14 +348,19 @@ class RLVRModule(EvaluationHooks, LightningModule):
                                num_tokens=num_tokens, num_sequences=mask.shape[0])
             loss = out.loss
             token_count = micro_mask.sum().clamp(min=1)
+            terms["policy_loss"] += out.loss.detach()
             if self.hparams.entropy_coef > 0:
-                loss = loss - self.hparams.entropy_coef * (entropy * micro_mask).sum() / num_tokens
+                mean_entropy = (entropy * micro_mask).sum() / num_tokens
+                entropy_loss = -self.hparams.entropy_coef * mean_entropy
+                loss = loss + entropy_loss
+                terms["entropy_loss"] += entropy_loss.detach()
             if self.hparams.kl_coef > 0:
                 kl = k3_kl(logp, micro["ref_logp"]) * micro_mask
-                loss = loss + self.hparams.kl_coef * kl.sum() / num_tokens
+                kl_loss = self.hparams.kl_coef * kl.sum() / num_tokens
+                loss = loss + kl_loss
+                terms["kl_loss"] += kl_loss.detach()
                 self._token_means.update("train/kl", kl.sum() / token_count, int(token_count))
             self.manual_backward(loss * scale)
-            total_loss += out.loss.detach()
             self._log_micro(out.metrics, entropy, micro_mask, int(token_count))
             width = logp.shape[1]
             for key, value in (("ratio", out.ratio), ("logp", logp), ("entropy", entropy),
@@ -323,19 +368,32 @@ class RLVRModule(EvaluationHooks, LightningModule):
                 if value is not None:
                     diagnostics[key][rows, :width] = value.detach().float() * micro_mask
         grad_norm = clip_grad_norm(self.policy, self.hparams.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        # each rank's loss is its tokens' share of the global token-mean: the sum is the loss
-        global_loss = self.trainer.strategy.reduce(total_loss.clone(), reduce_op="sum")
+        # each rank's terms are its tokens' share of the global token-means: the sums are global
+        names = list(terms)
+        totals = self.trainer.strategy.reduce(torch.stack([terms[n] for n in names]),
+                                              reduce_op="sum")
+        terms = dict(zip(names, totals, strict=True))
+        total = sum(terms.values())
+        skipped = self._skip_if_not_finite({"train/loss": total, "train/grad_norm": grad_norm})
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
         # sync_dist below: the values are the same on every rank (no-op means, and no warnings)
-        self.log("train/loss", global_loss, on_epoch=True, on_step=True, prog_bar=True,
+        self.log("train/loss", total, on_epoch=True, on_step=True, prog_bar=True,
                  batch_size=mask.shape[0], sync_dist=True)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, on_epoch=True, on_step=False,
+                     batch_size=mask.shape[0], sync_dist=True)
+        self.log("train/skipped_steps", float(skipped), on_epoch=True, on_step=False,
+                 reduce_fx="sum", sync_dist=True)
         self.log("train/grad_norm", grad_norm, on_epoch=True, on_step=False, sync_dist=True)
         self.log("train/lr", scheduler.get_last_lr()[0], on_epoch=True, on_step=False,
                  sync_dist=True)
         return {
-            "loss": total_loss,
+            "loss": total,
             "mask": mask,
             "advantages": batch["advantages"][:, None].expand_as(mask) * mask,
             "old_logp": diagnostics["old_logp"],
@@ -344,6 +402,34 @@ class RLVRModule(EvaluationHooks, LightningModule):
             "entropy": diagnostics["entropy"],
             "prob_weight": diagnostics["prob_weight"] if self.loss_fn.states_prob_weight else None,
         }
+
+    def _skip_if_not_finite(self, values: dict[str, Tensor]) -> bool:
+        """Whether to skip this step (a value is NaN or infinite); stop after too many in a row.
+
+        ``values`` are global (the same on every rank), so every rank decides alike.
+
+        Raises:
+            RuntimeError: after more than ``max_skipped_steps`` skipped steps in a row, naming
+                the offending metric, the step and the epoch.
+        """
+        bad = {name: float(value) for name, value in values.items()
+               if not bool(torch.isfinite(value).all())}
+        if not bad:
+            self._skips_in_row = 0
+            return False
+        self._skips_in_row += 1
+        where = (f"optimiser step {self.global_step} (epoch {self.current_epoch}, "
+                 f"mini-batch {self.trainer.fit_loop.epoch_loop.batch_idx})")
+        detail = ", ".join(f"{name} = {value}" for name, value in bad.items())
+        if self._skips_in_row > self.hparams.max_skipped_steps:
+            raise RuntimeError(
+                f"{detail} at {where}: {self._skips_in_row} non-finite steps in a row, more "
+                f"than max_skipped_steps={self.hparams.max_skipped_steps}; the run stops without "
+                "updating the weights or writing a checkpoint of this step (lower model.lr, or "
+                "check the reward and the data)")
+        rank_zero_warn(f"skipping {where}: {detail} (no update; "
+                       f"{self._skips_in_row} in a row)")
+        return True
 
     def _log_micro(self, metrics: dict[str, Tensor], entropy: Tensor, mask: Tensor,
                    tokens: int) -> None:

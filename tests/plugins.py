@@ -1,5 +1,7 @@
 """User-side plug-ins the end-to-end tests load by ``class_path``, as a user's own module would."""
 
+import json
+
 import torch
 from lightning.pytorch import Callback
 from torch import Tensor
@@ -184,3 +186,46 @@ class PrecisionProbe(Callback):
                   "reduce_dtype": str(config.reduce_dtype)}
         with open(f"{self.path}.rank{trainer.global_rank}", "w") as file:
             json.dump(record, file)
+
+
+class SeedRecordingEngine(TransformersEngine):
+    """The transformers engine, appending the per-sample seeds it samples with to a JSON file.
+
+    The seeds are the ones the engine hands its per-sample ``torch.Generator``s, as it received
+    them, so a test can check the streams a run actually used without recomputing them.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+
+    def _generate_batch(self, prompts, seeds, sampling):  # noqa: ANN001, ANN202
+        with open(self.path, "a") as file:
+            file.write(json.dumps([int(seed) for seed in seeds]) + "\n")
+        return super()._generate_batch(prompts, seeds, sampling)
+
+
+class NonFiniteLoss(PolicyLoss):
+    """GRPO whose loss is NaN on the optimiser steps in ``nan_steps`` (counted from 0).
+
+    Stands in for a diverging run: the module must skip those steps, never apply them.
+    """
+
+    def __init__(self, nan_steps: list[int] | None = None, clip_low: float = 0.2,
+                 clip_high: float = 0.2) -> None:
+        super().__init__(clip_low=clip_low, clip_high=clip_high)
+        self.nan_steps = nan_steps or []
+        self.step = 0
+
+    def token_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor) -> Tensor:
+        ratio = torch.exp(logp - old_logp)
+        loss = -ratio * advantages
+        return loss * float("nan") if self.step in self.nan_steps else loss
+
+
+class CountSteps(Callback):
+    """Tells a :class:`NonFiniteLoss` which optimiser step (batch) comes next."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        loss = pl_module.loss_fn
+        loss.step = trainer.current_epoch * trainer.num_training_batches + batch_idx

@@ -86,11 +86,10 @@ def run_config(root: Path, model_path: str, engine: str, strategy: str | None,
         trainer.update(devices=1, strategy="auto")
     else:
         trainer["strategy"] = STRATEGIES[strategy, engine]
-    rollout = trainer["callbacks"][0]["init_args"]
-    rollout.update(engine=ENGINES[engine], mini_batch_size=4,  # 4 steps per rollout, 2 per rank
-                   reward={"class_path": "tests.plugins.DigitFractionReward"})
-    trainer["callbacks"] = [trainer["callbacks"][0],
-                            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+    config["engine"] = ENGINES[engine]
+    config["rollout"].update(mini_batch_size=4,  # 4 steps per rollout, 2 per rank
+                             reward={"class_path": "tests.plugins.DigitFractionReward"})
+    trainer["callbacks"] = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                              "init_args": {"dirpath": str(root / "checkpoints"),
                                            "save_last": True}},
                             {"class_path": "tests.plugins.GradientDump",

@@ -30,18 +30,20 @@ import yaml
 from dgpo.analysis.schema import RECORDING
 from dgpo.losses import LOSSES
 
-#: Rollout settings of each preset (the RolloutCallback's init_args).
+#: The rollout engine of each preset (the config's ``engine:`` section).
+_ENGINE: dict[str, dict[str, Any]] = {
+    "tiny": {"class_path": "dgpo.rollout.TransformersEngine"},
+    "cpu": {"class_path": "dgpo.rollout.VLLMEngine",
+            "init_args": {"dtype": "float32", "kv_cache_space_gib": 1.0, "max_model_len": 512}},
+}
+#: Rollout settings of each preset (the config's ``rollout:`` section).
 _ROLLOUT: dict[str, dict[str, Any]] = {
     "tiny": {
-        "engine": {"class_path": "dgpo.rollout.TransformersEngine"},
         "reward": {"class_path": "dgpo.rewards.toy.DigitFractionReward"},
         "n": 4, "rollout_batch_size": 4, "mini_batch_size": 4, "ppo_epochs": 2,
         "max_new_tokens": 16,
     },
     "cpu": {
-        "engine": {"class_path": "dgpo.rollout.VLLMEngine",
-                   "init_args": {"dtype": "float32", "kv_cache_space_gib": 1.0,
-                                 "max_model_len": 512}},
         "reward": {"class_path": "dgpo.rewards.MathVerifyReward",
                    "init_args": {"extraction": "lenient", "timeout_s": 5.0, "num_workers": 2}},
         "n": 8, "rollout_batch_size": 8, "mini_batch_size": 16, "ppo_epochs": 2,
@@ -84,7 +86,7 @@ def experiment_config(method: str, preset: str = "tiny", root: str | Path = "run
         recorder: init_args of the :class:`~dgpo.analysis.GradientWeightRecorder`; defaults to
             :data:`DEFAULT_RECORDER`.
         overrides: dotted keys to change, e.g. ``{"model.lr": 1e-5,
-            "trainer.callbacks.0.init_args.ppo_epochs": 1, "model.loss.init_args.n": 2}``.
+            "rollout.ppo_epochs": 1, "model.loss.init_args.n": 2}``.
 
     Raises:
         ValueError: for an unknown method or preset.
@@ -105,8 +107,6 @@ def experiment_config(method: str, preset: str = "tiny", root: str | Path = "run
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                        "init_args": {"save_dir": str(root), "name": method, "version": 0}},
             "callbacks": [
-                {"class_path": "dgpo.rollout.RolloutCallback",
-                 "init_args": copy.deepcopy(_ROLLOUT[preset])},
                 {"class_path": "dgpo.analysis.GradientWeightRecorder",
                  "init_args": dict(DEFAULT_RECORDER if recorder is None else recorder)},
             ],
@@ -114,6 +114,8 @@ def experiment_config(method: str, preset: str = "tiny", root: str | Path = "run
         "model": {**copy.deepcopy(_MODEL[preset]),
                   "loss": {"class_path": f"{loss.__module__}.{loss.__name__}", "init_args": {}}},
         "data": copy.deepcopy(_DATA[preset]),
+        "engine": copy.deepcopy(_ENGINE[preset]),
+        "rollout": copy.deepcopy(_ROLLOUT[preset]),
     }
     for dotted, value in (overrides or {}).items():
         _set(config, dotted, value)

@@ -1,7 +1,8 @@
 """Prompts for RL: problem files, synthetic tasks, prompt templates and the datamodule."""
 
-from dgpo.data.datamodule import PromptSample, RLVRDataModule
+from dgpo.data.datamodule import RLVRDataModule
 from dgpo.data.problems import load_problems
+from dgpo.data.prompt import PromptSample
 from dgpo.data.synthetic import ArithmeticTask, arithmetic_problems
 from dgpo.data.templates import DEFAULT_TEMPLATE, format_prompt
 

@@ -1,8 +1,8 @@
 """The prompt datamodule: tokenised prompts drawn in a seeded, resumable order."""
 
 import random
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from typing import Any, Literal, get_args
 
 from lightning.pytorch import LightningDataModule
@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from dgpo.data.problems import load_problems
+from dgpo.data.prompt import PromptSample
 from dgpo.data.synthetic import ArithmeticTask
 from dgpo.data.templates import check_chat_template, format_prompt, validate_template
 from dgpo.evaluation.benchmarks import (
@@ -22,26 +23,10 @@ from dgpo.evaluation.benchmarks import (
     evaluation_shard,
     load_benchmark,
 )
+from dgpo.rollout.buffer import RolloutBuffer
+from dgpo.seeding import run_seed
 
 LongPromptPolicy = Literal["filter", "error"]
-
-
-@dataclass(frozen=True)
-class PromptSample:
-    """One prompt ready for generation.
-
-    Attributes:
-        text: The formatted prompt text (chat template applied when enabled).
-        prompt_ids: Its token ids, special tokens included exactly once.
-        answer: The reference answer.
-        columns: Every column of the source row (``problem``, ``answer``, ``id``, ...).
-
-    """
-
-    text: str
-    prompt_ids: list[int]
-    answer: str
-    columns: dict[str, Any] = field(repr=False)
 
 
 class RLVRDataModule(LightningDataModule):
@@ -71,17 +56,23 @@ class RLVRDataModule(LightningDataModule):
         max_prompt_length: Longest prompt, in tokens.
         on_long_prompt: ``"filter"`` drops longer prompts (the count is warned about and kept in
             ``num_filtered``); ``"error"`` raises.
-        seed: Seed of the prompt order; each pass over the data is shuffled anew.
+        seed: Seed of the prompt order (each pass over the data is shuffled anew); ``None``
+            follows the run's ``seed_everything``.
         benchmarks: Evaluation benchmarks (see :class:`~dgpo.evaluation.Benchmark`): one
             validation and test data loader each, formatted like the training prompts and never
             length-filtered. With benchmarks, ``train_file`` and ``synthetic`` may both be left
             out to only ``validate``/``test``.
         eval_batch_size: Benchmark problems per validation/test batch (one generation call).
         eval_limit: Evaluate at most this many problems of each benchmark (None: all).
+        tokenizer: The policy's tokenizer, handed over explicitly (the CLI passes the model's);
+            it can also be set as the ``tokenizer`` attribute before ``setup``.
+        ranks_per_engine: How many of ``world_size`` ranks one rollout engine spans (the CLI
+            passes the engine's :meth:`~dgpo.rollout.RolloutEngine.ranks_per_engine`); each
+            engine evaluates an equal share of the benchmark problems. ``None``: one rank each.
 
     Attributes:
         rows: The loaded problems.
-        tokenizer: The tokenizer used by ``setup``; ``None`` to take the LightningModule's.
+        tokenizer: The tokenizer used by ``setup``.
         num_filtered: How many prompts ``setup`` dropped for being too long.
         buffer: The rollout buffer whose data loader is the training data.
         benchmark_rows: The loaded rows of each benchmark, by name.
@@ -109,10 +100,12 @@ class RLVRDataModule(LightningDataModule):
         system_prompt: str | None = None,
         max_prompt_length: int = 512,
         on_long_prompt: LongPromptPolicy = "filter",
-        seed: int = 0,
+        seed: int | None = None,
         benchmarks: list[Benchmark] | None = None,
         eval_batch_size: int = 16,
         eval_limit: int | None = None,
+        tokenizer: Any = None,
+        ranks_per_engine: Callable[[int], int] | None = None,
     ) -> None:
         super().__init__()
         benchmarks = [as_benchmark(b) for b in benchmarks or []]
@@ -143,7 +136,9 @@ class RLVRDataModule(LightningDataModule):
             synthetic = _arithmetic_task(synthetic)
         # Keep only plain values in the hyper-parameters: checkpoints are loaded with
         # torch.load(weights_only=True), which refuses custom classes.
-        self.save_hyperparameters(ignore=["synthetic", "benchmarks"])
+        self.save_hyperparameters(ignore=["synthetic", "benchmarks", "tokenizer",
+                                          "ranks_per_engine"])
+        self.hparams["seed"] = run_seed(seed)  # the run seed is set before instantiation
         self.hparams["synthetic"] = None if synthetic is None else asdict(synthetic)
         self.hparams["benchmarks"] = [asdict(b) for b in benchmarks]
 
@@ -156,14 +151,13 @@ class RLVRDataModule(LightningDataModule):
         self._benchmark_sets: list[BenchmarkDataset] | None = None
         if benchmarks:  # Lightning runs the validation and test loops only when these exist
             self.val_dataloader = self.test_dataloader = self.benchmark_dataloaders
-        self.tokenizer: Any = None
+        self.tokenizer: Any = tokenizer
+        self._ranks_per_engine = ranks_per_engine
         self.num_filtered = 0
         self._prompts: list[PromptSample] | None = None
         self._pass_index = 0
         self._offset = 0
         self._order: tuple[int, list[int]] | None = None  # (pass index, permutation) cache
-
-        from dgpo.rollout.buffer import RolloutBuffer  # here, not at the top: no import cycle
 
         self.buffer = RolloutBuffer()
 
@@ -206,7 +200,8 @@ class RLVRDataModule(LightningDataModule):
         Without benchmarks the data module has no ``val_dataloader``/``test_dataloader``, so
         Lightning skips validation and ``test`` reports that there is nothing to test.
         """
-        shards, shard = evaluation_shard(self.trainer)  # one share of the problems per engine
+        # one share of the problems per engine
+        shards, shard = evaluation_shard(self.trainer, self._ranks_per_engine)
         return [benchmark_dataloader(dataset, self.hparams["eval_batch_size"], shards, shard)
                 for dataset in self._benchmark_sets or []]
 
@@ -302,19 +297,12 @@ class RLVRDataModule(LightningDataModule):
         return self._order[1]
 
     def _find_tokenizer(self) -> Any:
-        """``self.tokenizer``, or else the LightningModule's ``tokenizer`` attribute."""
-        if self.tokenizer is not None:
-            return self.tokenizer
-        trainer = self.trainer
-        module = None if trainer is None else trainer.lightning_module
-        tokenizer = getattr(module, "tokenizer", None)
-        if tokenizer is None:
+        """The tokenizer handed over in ``__init__`` (or set as an attribute)."""
+        if self.tokenizer is None:
             raise RuntimeError(
-                "RLVRDataModule needs a tokenizer: set `datamodule.tokenizer`, or give the "
-                "LightningModule a `tokenizer` attribute set in its __init__ (the datamodule's "
-                "setup runs before the module's)"
-            )
-        return tokenizer
+                "RLVRDataModule needs the policy's tokenizer: pass tokenizer=... (the dgpo CLI "
+                "hands it the model's) or set datamodule.tokenizer before setup()")
+        return self.tokenizer
 
     def _build_prompts(self, tokenizer: Any) -> list[PromptSample]:
         """Format, tokenise and length-filter every row.

@@ -15,18 +15,17 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
-if TYPE_CHECKING:
-    from dgpo.data.datamodule import PromptSample
-
-# dgpo.data is imported inside the functions: dgpo.data.datamodule imports this module.
+from dgpo.data.problems import load_problems
+from dgpo.data.prompt import PromptSample
+from dgpo.data.templates import format_prompt
 
 #: The answer alternatives of a row are kept under this column (a list of strings).
 ALTERNATIVES = "answer_alternatives"
@@ -123,8 +122,6 @@ def load_benchmark(benchmark: Benchmark, limit: int | None = None) -> list[dict[
         ImportError: For a hub benchmark without the ``datasets`` package.
 
     """
-    from dgpo.data.problems import load_problems
-
     fields = (benchmark.problem_field, benchmark.answer_field)
     if benchmark.path is not None:
         rows = load_problems(benchmark.path, *fields)
@@ -201,9 +198,6 @@ def benchmark_prompts(rows: Iterable[Mapping[str, Any]], tokenizer: Any, templat
         One prompt per row, in order.
 
     """
-    from dgpo.data.datamodule import PromptSample
-    from dgpo.data.templates import format_prompt
-
     rows = list(rows)
     texts = [format_prompt(row["problem"], tokenizer, template, use_chat_template, system_prompt)
              for row in rows]
@@ -256,7 +250,8 @@ class BenchmarkDataset(Dataset):
         return BenchmarkBatch(self.name, prompts)
 
 
-def evaluation_shard(trainer: Any) -> tuple[int, int]:
+def evaluation_shard(trainer: Any,
+                     ranks_per_engine: Callable[[int], int] | None = None) -> tuple[int, int]:
     """Which share of the problems this rank evaluates: ``(number of shards, this shard)``.
 
     One shard per rollout engine: the ranks that one engine spans (``tensor_parallel_size`` GPU
@@ -264,14 +259,13 @@ def evaluation_shard(trainer: Any) -> tuple[int, int]:
     the same problems, since they generate together.
 
     Args:
-        trainer: The Lightning trainer (or None: one shard); its module's ``rollout_engine``, if
-            any, says how many ranks an engine spans.
+        trainer: The Lightning trainer (or None: one shard).
+        ranks_per_engine: How many of ``world_size`` ranks one engine spans (None: one).
 
     """
     if trainer is None or trainer.world_size == 1:
         return 1, 0
-    engine = getattr(trainer.lightning_module, "rollout_engine", None)
-    per_engine = 1 if engine is None else engine.ranks_per_engine(trainer.world_size)
+    per_engine = 1 if ranks_per_engine is None else ranks_per_engine(trainer.world_size)
     return trainer.world_size // per_engine, trainer.global_rank // per_engine
 
 

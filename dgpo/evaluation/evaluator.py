@@ -40,18 +40,20 @@ class Evaluator(torch.nn.Module):
     that, for one of the row's ``answer_alternatives`` (see
     :class:`~dgpo.evaluation.Benchmark`). Maj@k votes with the extracted answers.
 
-    Generation goes through the module's ``rollout_engine`` (set by the
-    :class:`~dgpo.rollout.RolloutCallback`), which gets the policy's current weights first; a
-    module without one samples with a :class:`~dgpo.rollout.TransformersEngine` on the policy.
+    Generation goes through ``engine`` (the config's top-level ``engine:``, which training
+    rollouts use too), which gets the policy's current weights first; without one it samples
+    with a :class:`~dgpo.rollout.TransformersEngine` on the policy.
 
     Args:
         config: Sampling and scoring settings.
+        engine: The rollout engine to sample with, or None.
 
     """
 
-    def __init__(self, config: EvalConfig) -> None:
+    def __init__(self, config: EvalConfig, engine: RolloutEngine | None = None) -> None:
         super().__init__()
         self.config = config
+        self.engine = engine
         self.benchmarks = torch.nn.ModuleDict()
         self.problems: dict[str, int] = {}
         self._names: list[str] = []
@@ -74,8 +76,7 @@ class Evaluator(torch.nn.Module):
         """Reset the metrics of the benchmarks served by ``dataloaders`` and sync the engine.
 
         Args:
-            module: The LightningModule (``policy``, ``model_path``, ``tokenizer``,
-                ``named_weights_for_engine`` and optionally ``rollout_engine``).
+            module: The LightningModule, a :class:`~dgpo.rollout.policy.RolloutPolicy`.
             dataloaders: The evaluation data loader(s); each dataset has a ``name``.
 
         """
@@ -88,8 +89,7 @@ class Evaluator(torch.nn.Module):
             for metric in self.benchmarks[name].values():
                 metric.reset()
         self._engine = self._engine_for(module)
-        sharded = getattr(module, "sharded", False)  # FSDP: the engine samples from its own copy
-        self._engine.attach(None if sharded else module.policy, module.model_path)
+        self._engine.attach(module.policy_for_engine(), module.model_path)  # None: its own copy
         self._engine.wake_up()
         self._engine.load_weights(module.named_weights_for_engine())  # all ranks (FSDP gathers)
         # the ranks of one engine evaluate the same problems; the first of them counts them
@@ -184,9 +184,8 @@ class Evaluator(torch.nn.Module):
         return torch.nn.ModuleDict(metrics)
 
     def _engine_for(self, module: LightningModule) -> RolloutEngine:
-        engine = getattr(module, "rollout_engine", None)
-        if engine is not None:
-            return engine
+        if self.engine is not None:
+            return self.engine
         if self._fallback is None:
             from dgpo.rollout.transformers_engine import TransformersEngine
 

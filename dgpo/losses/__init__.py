@@ -5,6 +5,9 @@ Build one by name with :func:`build_loss`, or by class (``class_path``/``init_ar
 
 from __future__ import annotations
 
+import importlib
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from dgpo.losses.aspo import ASPOLoss
@@ -65,12 +68,44 @@ __all__ = [
     "aggregate",
     "build_loss",
     "k3_kl",
+    "loss_config",
     "regions",
     "resolve_loss",
 ]
 
 
-def resolve_loss(value: PolicyLoss | str | None) -> PolicyLoss:
+def loss_config(loss: PolicyLoss) -> dict[str, Any]:
+    """``{"class_path": ..., "init_args": {...}}`` of ``loss``, as in YAML (:func:`resolve_loss`).
+
+    The init args are the constructor parameters that the loss keeps as attributes of the same
+    name (every built-in loss does); the checkpoint stores this, so ``load_from_checkpoint``
+    rebuilds exactly the trained loss.
+
+    Example:
+        >>> loss_config(build_loss("grpo", clip_high=0.28))["init_args"]["clip_high"]
+        0.28
+    """
+    cls = type(loss)
+    params = inspect.signature(cls.__init__).parameters
+    init_args = {name: getattr(loss, name) for name in params
+                 if name != "self" and hasattr(loss, name)}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def _loss_from_config(config: Mapping[str, Any]) -> PolicyLoss:
+    """The loss that :func:`loss_config` describes."""
+    class_path = config["class_path"]
+    module_name, _, class_name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"loss class_path {class_path!r} cannot be imported: {error}") from error
+    if not (isinstance(cls, type) and issubclass(cls, PolicyLoss)):
+        raise ValueError(f"loss class_path {class_path!r} is not a dgpo.losses.PolicyLoss")
+    return cls(**dict(config["init_args"] if "init_args" in config else {}))
+
+
+def resolve_loss(value: PolicyLoss | str | Mapping[str, Any] | None) -> PolicyLoss:
     """The policy loss of ``model.loss``: a :class:`PolicyLoss`, a built-in name, or ``None``.
 
     ``None`` gives :class:`DGPOLoss` with its defaults. jsonargparse falls back to the ``str``
@@ -84,6 +119,8 @@ def resolve_loss(value: PolicyLoss | str | None) -> PolicyLoss:
         return DGPOLoss()
     if isinstance(value, PolicyLoss):
         return value
+    if isinstance(value, Mapping) and "class_path" in value:  # a checkpoint's loss_config()
+        return _loss_from_config(value)
     if not isinstance(value, str):
         raise ValueError(f"loss must be a dgpo.losses.PolicyLoss or one of {list(LOSSES)}, "
                          f"got {type(value).__name__}")

@@ -8,15 +8,16 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from dgpo.advantages import ESTIMATORS, compute_advantages, group_stats
-from dgpo.data import PromptSample
+from dgpo.data.prompt import PromptSample
 from dgpo.distributed import all_gather_objects, reduce_reward_metrics, shard_bounds
 from dgpo.rewards import MathVerifyReward, RewardFunction
 from dgpo.rollout.buffer import RolloutSample
 from dgpo.rollout.engine import Completion, RolloutEngine, SamplingConfig
+from dgpo.rollout.policy import check_rollout_policy
+from dgpo.seeding import run_seed
 
 
 @dataclass
@@ -73,7 +74,10 @@ class RolloutCallback(Callback):
         top_p: nucleus sampling threshold.
         max_new_tokens: maximum response length.
         advantage: ``"grpo"`` (group mean/std), ``"dr_grpo"`` (no std) or ``"rloo"``.
-        seed: base seed of sampling (epoch ``e`` samples with ``seed + e``).
+        seed: seed of sampling and of the mini-batch order; ``None`` (the default) follows the
+            run's ``seed_everything``. Sample ``k`` of prompt ``i`` in epoch ``e`` draws from the
+            stream ``(seed, e, i)`` (:func:`dgpo.seeding.derive_seed`), so no stream repeats
+            across epochs or runs, and the samples do not depend on the number of engines.
         sync_tolerance: largest mean absolute difference (nats) allowed between the engine's and
             the policy's log-probs after a weight push; a larger one raises ``RuntimeError``.
         sync_check_sequences: how many sequences the sync check scores.
@@ -96,7 +100,7 @@ class RolloutCallback(Callback):
     def __init__(self, engine: RolloutEngine, reward: RewardFunction | None = None, n: int = 8,
                  rollout_batch_size: int = 16, mini_batch_size: int = 32, ppo_epochs: int = 1,
                  temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
-                 advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo", seed: int = 0,
+                 advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo", seed: int | None = None,
                  sync_tolerance: float = 0.05, sync_check_sequences: int = 2,
                  behaviour_logprobs: Literal["policy", "engine"] = "policy",
                  ignore_eos: bool = False) -> None:
@@ -128,6 +132,8 @@ class RolloutCallback(Callback):
         self.rollout_batch_size = rollout_batch_size
         self.mini_batch_size = mini_batch_size
         self.ppo_epochs = ppo_epochs
+        if seed is not None:
+            run_seed(seed)  # validates it
         self.sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p,
                                        max_new_tokens=max_new_tokens, seed=seed,
                                        ignore_eos=ignore_eos)
@@ -145,18 +151,25 @@ class RolloutCallback(Callback):
     # ----------------------------------------------------------------------------------- hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        pl_module.rollout_engine = self.engine  # validation and test sample with it too
         if stage != "fit":
             return
+        policy = check_rollout_policy(pl_module)
+        if policy.sampling_temperature != self.sampling.temperature:
+            raise ValueError(
+                f"rollout temperature={self.sampling.temperature} differs from the module's "
+                f"temperature={policy.sampling_temperature}, with which the training log-probs "
+                "are computed; give both the same value (the CLI links model.temperature to "
+                "rollout.temperature)")
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "next_prompts"):
             raise ValueError("RolloutCallback needs a data module with next_prompts() and a "
                              "buffer, such as dgpo.data.RLVRDataModule")
-        pl_module.temperature = self.sampling.temperature
+        # the run seed is known now (LightningCLI seeds before it instantiates the classes)
+        self.sampling = replace(self.sampling, seed=run_seed(self.seed))
         self._shard_prompts(trainer.global_rank, trainer.world_size)
         datamodule.buffer.configure(self.rollout_batch_size * self.n, self.mini_batch_size,
-                                    self.ppo_epochs, pad_token_id=pl_module.tokenizer.pad_token_id,
-                                    seed=self.seed, rank=trainer.global_rank,
+                                    self.ppo_epochs, pad_token_id=policy.tokenizer.pad_token_id,
+                                    seed=self.sampling.seed, rank=trainer.global_rank,
                                     world_size=trainer.world_size)
 
     def _shard_prompts(self, rank: int, world_size: int) -> None:
@@ -202,17 +215,15 @@ class RolloutCallback(Callback):
         epoch = trainer.current_epoch
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        policy = None if getattr(pl_module, "sharded", False) else pl_module.policy
-        self.engine.attach(policy, pl_module.model_path)  # sharded: the engine keeps a copy
+        self.engine.attach(pl_module.policy_for_engine(), pl_module.model_path)  # None: a copy
         self.engine.wake_up()
         self.engine.load_weights(pl_module.named_weights_for_engine())
         timings["weight_sync"] = time.perf_counter() - start
 
         prompts = trainer.datamodule.next_prompts(self.rollout_batch_size)
         first, stop = self._prompt_range
-        # seed + global prompt index: the samples do not depend on how prompts are sharded
-        sampling = SamplingConfig(**{**vars(self.sampling),
-                                     "seed": self.seed + epoch + first * self.n})
+        # one stream per (run seed, epoch, global prompt index): independent of the sharding
+        sampling = replace(self.sampling, stream=(epoch,), prompt_offset=first)
         start = time.perf_counter()
         completions = self.engine.generate([p.prompt_ids for p in prompts[first:stop]], sampling)
         if first:
@@ -265,7 +276,7 @@ class RolloutCallback(Callback):
         would need the first pass's values again).
         """
         if (self.behaviour_logprobs != "policy" or self.ppo_epochs > 1
-                or not getattr(pl_module, "can_defer_old_logp", False)):
+                or not pl_module.can_defer_old_logp):
             return set()
         return {index - offset for index in trainer.datamodule.buffer.first_mini_batch(epoch)}
 
@@ -283,7 +294,7 @@ class RolloutCallback(Callback):
         for sample, logp in zip(samples, behaviour, strict=True):
             sample.old_logp = logp
             sample.defer_old_logp = logp is None
-        if pl_module.reference is not None:
+        if pl_module.has_reference:
             for sample, logp in zip(samples, pl_module.score_samples(samples, reference=True),
                                     strict=True):
                 sample.ref_logp = logp
@@ -335,7 +346,7 @@ class RolloutCallback(Callback):
 
     def _raise_on_bad_sync(self, sync: dict[str, float]) -> None:
         """Stop the run (on every rank alike) when the engine's weights did not arrive."""
-        if sync["mean"] > self.sync_tolerance:
+        if not sync["mean"] <= self.sync_tolerance:  # NaN fails too
             raise RuntimeError(
                 f"rollout engine and policy disagree after the weight push: mean |Δ log p| = "
                 f"{sync['mean']:.4g} > sync_tolerance={self.sync_tolerance} (max "
@@ -368,9 +379,6 @@ class RolloutCallback(Callback):
             # that keeps Lightning from warning about unsynced epoch metrics.
             pl_module.log(name, value, on_epoch=True, on_step=False, sync_dist=True,
                           prog_bar=name == "rollout/reward_mean")
-        rank_zero_info(f"epoch {pl_module.current_epoch}: reward {float(rewards.mean()):.3f}, "
-                       f"length {float(lengths.mean()):.1f}, generation "
-                       f"{timings['generation']:.1f}s")
 
 
 @dataclass

@@ -17,6 +17,8 @@ from typing import Literal
 
 import torch
 
+from dgpo.seeding import derive_seed
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -24,16 +26,21 @@ FinishReason = Literal["stop", "length"]
 class SamplingConfig:
     """How to sample completions.
 
-    Sample ``k`` of prompt ``i`` uses the seed ``seed + i * n + k`` (see :meth:`sample_seed`), so
-    seeded generation is reproducible and no two samples of one call share a random stream. Change
-    ``seed`` between rollouts (e.g. ``seed + epoch``) to get fresh samples.
+    Sample ``k`` of prompt ``i`` uses the seed ``derive_seed(seed, *stream, prompt_offset + i) + k``
+    (see :meth:`sample_seed`): a ``SeedSequence`` stream per prompt (:mod:`dgpo.seeding`), with
+    vLLM's convention that child ``k`` of a request is seeded ``seed + k``. Seeded generation is
+    reproducible, and no two samples share a random stream within a call, across rollouts (which
+    pass ``stream=(epoch,)``) or across runs with different seeds. ``prompt_offset`` is the index of
+    the first prompt in the whole rollout, so the samples do not depend on how prompts are split
+    over engines.
 
     Raises:
         ValueError: if a field is outside its allowed range.
 
     Example:
-        >>> SamplingConfig(n=4, temperature=0.7, max_new_tokens=64, seed=1).sample_seed(2, 3)
-        12
+        >>> sampling = SamplingConfig(n=4, max_new_tokens=64, seed=1, stream=(5,))
+        >>> sampling.sample_seed(2, 3) == derive_seed(1, 5, 2) + 3
+        True
 
     """
 
@@ -47,6 +54,10 @@ class SamplingConfig:
     """Largest number of generated tokens per completion (>= 1)."""
     seed: int | None = None
     """Base seed (>= 0), or None for unseeded sampling."""
+    stream: tuple[int, ...] = ()
+    """Keys of this call's stream under ``seed`` (the rollout callback passes ``(epoch,)``)."""
+    prompt_offset: int = 0
+    """Index, in the whole rollout, of this call's first prompt."""
     ignore_eos: bool = False
     """Keep sampling past end-of-sequence tokens until ``max_new_tokens`` (fixed work per
     completion, for benchmarks)."""
@@ -74,7 +85,8 @@ class SamplingConfig:
         """Return the seed of sample ``sample_index`` of prompt ``prompt_index``, or None."""
         if self.seed is None:
             return None
-        return self.seed + prompt_index * self.n + sample_index
+        prompt_seed = derive_seed(self.seed, *self.stream, self.prompt_offset + prompt_index)
+        return prompt_seed + sample_index
 
 
 @dataclass

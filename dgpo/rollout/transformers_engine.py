@@ -146,7 +146,7 @@ class TransformersEngine(RolloutEngine):
         if sampling.seed is None:  # draw per-sample seeds from the global RNG
             seeds = [int(s) for s in torch.randint(0, 2**62, (len(rows),)).tolist()]
         else:
-            seeds = [sampling.seed + i * sampling.n + k for i, k in rows]  # = sample_seed(i, k)
+            seeds = [sampling.sample_seed(i, k) for i, k in rows]
         completions: list[Completion] = []
         with _eval_mode(self.module), torch.no_grad():
             for start in range(0, len(rows), self.max_batch_size):

@@ -205,7 +205,7 @@ class VLLMEngine(RolloutEngine):
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
         # vLLM refuses n > 1 for greedy decoding: decode once and repeat the completion.
         greedy = sampling.temperature == 0
-        # vLLM gives child k of a request the seed `seed + k`; offset each prompt by i * n.
+        # vLLM gives child k of a request the seed `seed + k`, as sample_seed(index, k) does.
         params = [
             SamplingParams(
                 n=1 if greedy else sampling.n,

@@ -29,8 +29,8 @@ def test_experiment_config_parses_with_the_cli(preset, tmp_path, capsys):
     assert printed["model"]["loss"]["init_args"]["clip_ratio_c"] == 5.0
     assert printed["model"]["lr"] == 1e-4 and printed["trainer"]["max_epochs"] == 2
     callbacks = [c["class_path"] for c in printed["trainer"]["callbacks"]]
-    assert callbacks == ["dgpo.rollout.RolloutCallback", "dgpo.analysis.GradientWeightRecorder"]
-    rollout = printed["trainer"]["callbacks"][0]["init_args"]
+    assert callbacks == ["dgpo.analysis.GradientWeightRecorder"]
+    rollout = printed["rollout"]
     steps = rollout["rollout_batch_size"] * rollout["n"] // rollout["mini_batch_size"]
     assert steps * rollout["ppo_epochs"] >= 8, "several optimiser steps per rollout"
 

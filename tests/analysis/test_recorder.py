@@ -126,10 +126,9 @@ def _fit(tmp_path, model_path, recorder):
     config["trainer"].update(default_root_dir=str(tmp_path), max_epochs=1,
                              enable_checkpointing=False)
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    rollout = config["trainer"]["callbacks"][0]
-    rollout["init_args"].update(reward={"class_path": "dgpo.rewards.toy.DigitFractionReward"},
-                                mini_batch_size=4)
-    config["trainer"]["callbacks"] = [rollout]
+    config["rollout"].update(reward={"class_path": "dgpo.rewards.toy.DigitFractionReward"},
+                             mini_batch_size=4)
+    config["trainer"]["callbacks"] = []
     if recorder:
         config["trainer"]["callbacks"].append(
             {"class_path": "dgpo.analysis.GradientWeightRecorder",

@@ -1,12 +1,8 @@
-import sys
-import types
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedTokenizerFast
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -44,21 +40,6 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def plain_tokenizer() -> PreTrainedTokenizerFast:
     """The same tokenizer without a chat template."""
     return make_tokenizer(chat_template=None)
-
-
-class StubRolloutBuffer:
-    """Stands in for dgpo.rollout.buffer.RolloutBuffer (written elsewhere) in these tests."""
-
-    def dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(torch.arange(4.0).view(4, 1)), batch_size=2)
-
-
-@pytest.fixture(autouse=True)
-def stub_rollout_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the datamodule tests independent of the rollout package."""
-    module = types.ModuleType("dgpo.rollout.buffer")
-    module.RolloutBuffer = StubRolloutBuffer  # type: ignore[attr-defined]  # stub module
-    monkeypatch.setitem(sys.modules, "dgpo.rollout.buffer", module)
 
 
 @pytest.fixture

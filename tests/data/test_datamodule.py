@@ -7,11 +7,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SHARED_DATA, StubRolloutBuffer
+from conftest import SHARED_DATA
 from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedTokenizerFast
 
 from dgpo.data import PromptSample, RLVRDataModule
+from dgpo.rollout.buffer import RolloutBuffer
 
 WORDS = ["What", "is", "step", "by", "and"]
 
@@ -95,20 +97,24 @@ def test_rlvr_datamodule_plain_template_adds_bos_once(
     assert sample.answer == sample.columns["answer"]
 
 
-def test_rlvr_datamodule_tokenizer_from_lightning_module(
+def test_rlvr_datamodule_tokenizer_is_handed_over_explicitly(
     tokenizer: PreTrainedTokenizerFast,
 ) -> None:
-    dm = RLVRDataModule(synthetic={"num_problems": 3})
-    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=tokenizer))  # type: ignore[assignment]  # stub trainer
+    dm = RLVRDataModule(synthetic={"num_problems": 3}, tokenizer=tokenizer)
     dm.setup("fit")
     assert len(dm.prompts) == 3
+    # never taken from the trainer's module: without a hand-off, setup says how to give one
+    dm = RLVRDataModule(synthetic={"num_problems": 3})
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(tokenizer=tokenizer))  # type: ignore[assignment]  # stub trainer
+    with pytest.raises(RuntimeError, match="needs the policy's tokenizer: pass tokenizer="):
+        dm.setup("fit")
 
 
 def test_rlvr_datamodule_missing_tokenizer_or_chat_template(
     plain_tokenizer: PreTrainedTokenizerFast,
 ) -> None:
     dm = RLVRDataModule(synthetic={"num_problems": 3})
-    with pytest.raises(RuntimeError, match="needs a tokenizer"):
+    with pytest.raises(RuntimeError, match="needs the policy.s tokenizer"):
         dm.setup("fit")
     dm.tokenizer = plain_tokenizer
     with pytest.raises(ValueError, match="has no chat template"):
@@ -209,7 +215,8 @@ def test_rlvr_datamodule_load_state_dict_missing_key(tokenizer: PreTrainedTokeni
 
 def test_rlvr_datamodule_train_dataloader_is_buffer(tokenizer: PreTrainedTokenizerFast) -> None:
     dm = make_datamodule(tokenizer)
-    assert isinstance(dm.buffer, StubRolloutBuffer)
+    assert isinstance(dm.buffer, RolloutBuffer)
+    dm.buffer.configure(num_sequences=8, mini_batch_size=4, ppo_epochs=1)
     assert len(dm.train_dataloader()) == 2
 
 
@@ -224,6 +231,13 @@ class TinyModule(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+class FixedBatches(RLVRDataModule):
+    """Two fixed training batches instead of the rollout buffer: these tests draw prompts only."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.arange(4.0).view(4, 1)), batch_size=2)
 
 
 class DrawPrompts(Callback):
@@ -248,7 +262,7 @@ def fit(
         callbacks=[draw],
         default_root_dir=root,
     )
-    dm = RLVRDataModule(synthetic={"num_problems": 5}, seed=3)
+    dm = FixedBatches(synthetic={"num_problems": 5}, seed=3, tokenizer=tokenizer)
     trainer.fit(TinyModule(tokenizer), datamodule=dm, ckpt_path=ckpt_path)
     return trainer, draw
 
@@ -260,7 +274,7 @@ def test_rlvr_datamodule_resume_from_lightning_checkpoint(
     trainer, first = fit(tokenizer, tmp_path, max_epochs=2)
     ckpt = tmp_path / "epoch2.ckpt"
     trainer.save_checkpoint(ckpt)
-    assert torch.load(ckpt, weights_only=True)["RLVRDataModule"]["pass_index"] == 1
+    assert torch.load(ckpt, weights_only=True)["FixedBatches"]["pass_index"] == 1
     _, second = fit(tokenizer, tmp_path, max_epochs=4, ckpt_path=ckpt)
     assert len(uninterrupted.drawn) == 4
     assert first.drawn + second.drawn == uninterrupted.drawn

@@ -33,12 +33,11 @@ def benchmarks(tmp_path: Path) -> list[dict]:
 
 
 def eval_config(tmp_path: Path, model_path: str, engine: dict | None = None) -> Path:
-    """An evaluation-only config: no training data, the rollout callback only lends its engine."""
-    callbacks = [] if engine is None else [{"class_path": "dgpo.rollout.RolloutCallback",
-                                            "init_args": {"engine": engine}}]
+    """An evaluation-only config: no training data, only an engine (default: transformers)."""
     config = {
+        "engine": engine or {"class_path": "dgpo.rollout.TransformersEngine"},
         "trainer": {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path), "callbacks": callbacks,
+                    "default_root_dir": str(tmp_path),
                     "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                                "init_args": {"save_dir": str(tmp_path), "name": "eval"}}},
         "model": {"model_name_or_path": model_path, "evaluation": EVALUATION},
@@ -93,7 +92,7 @@ def test_cli_fit_validates_every_k_epochs_then_tests_the_checkpoint(tmp_path, ti
     config["trainer"].update({"default_root_dir": str(tmp_path), "max_epochs": 2,
                               "check_val_every_n_epoch": 2, "num_sanity_val_steps": 0})
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    config["trainer"]["callbacks"][0]["init_args"]["reward"] = {
+    config["rollout"]["reward"] = {
         "class_path": "tests.plugins.DigitFractionReward"}
     # the checkpoint's evaluation settings (k = 2) must not override the test config's (k = 4)
     config["model"].update({"model_name_or_path": tiny_model_path,
