@@ -34,19 +34,10 @@ EstimatorName = Literal["grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline
 
 
 def _check_rewards(rewards: Tensor, min_group_size: int = 1) -> Tensor:
-    """Validate a ``(G, n)`` reward tensor and return it as a floating tensor.
-
-    Args:
-        rewards: Rewards shaped ``(G, n)``; integer and boolean tensors are converted to float.
-        min_group_size: The smallest ``n`` the estimator accepts.
-
-    Returns:
-        The rewards as a floating tensor of shape ``(G, n)``.
+    """Validate ``(G, n)`` rewards (``n >= min_group_size``, finite); return them as floats.
 
     Raises:
-        ValueError: If ``rewards`` is not a 2-D tensor with at least one group of at least
-            ``min_group_size`` samples, or holds NaN or infinite values.
-
+        ValueError: on another shape, no group, too small groups, or NaN/infinite rewards.
     """
     if not isinstance(rewards, Tensor):
         raise ValueError(f"rewards must be a torch.Tensor of shape (G, n), got {type(rewards)}")
@@ -71,18 +62,10 @@ def _check_rewards(rewards: Tensor, min_group_size: int = 1) -> Tensor:
 
 
 def _zero_constant_groups(advantages: Tensor, rewards: Tensor) -> Tensor:
-    """Set the advantages of groups whose rewards are all equal to exactly zero.
+    """Exact zeros for the groups whose rewards are all equal (``(G, n)`` both).
 
-    ``r - mean`` of equal floats is not always exactly ``0.0`` in floating point (the mean is
-    rounded), so constant groups are detected on the rewards themselves.
-
-    Args:
-        advantages: Advantages shaped ``(G, n)``.
-        rewards: Rewards shaped ``(G, n)``.
-
-    Returns:
-        The advantages, with the rows of constant groups set to ``0.0``.
-
+    ``r - mean`` of equal floats is not always exactly ``0.0`` (the mean is rounded), so constant
+    groups are detected on the rewards themselves.
     """
     constant = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)  # (G, 1)
     return torch.where(constant, torch.zeros_like(advantages), advantages)
