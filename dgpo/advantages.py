@@ -1,44 +1,43 @@
 """Group-relative advantage estimators for RL with verifiable rewards.
 
 Every estimator maps the rewards of ``G`` groups of ``n`` samples (the ``n`` responses drawn for
-one prompt) to one advantage per sample:
+one prompt) to one advantage per sample, ``(G, n) → (G, n)``:
 
-- ``"grpo"``: ``(r - mean) / (std + eps)`` within the group, with the *unbiased* standard deviation
-  (Bessel's correction, ``torch.std(correction=1)``), as in GRPO (Shao et al., 2024,
-  https://arxiv.org/abs/2402.03300), verl's ``compute_grpo_outcome_advantage`` and TRL.
-- ``"dr_grpo"``: ``r - mean``, no division by the standard deviation (Dr. GRPO, Liu et al., 2025,
-  https://arxiv.org/abs/2503.20783).
-- ``"rloo"``: ``r_i - mean_{j != i} r_j``, the leave-one-out baseline (Ahmadian et al., 2024,
-  https://arxiv.org/abs/2402.14740). It equals ``n / (n - 1) * (r_i - mean)`` and needs ``n >= 2``.
+- ``"grpo"`` (:class:`GRPOAdvantage`): ``(r - mean) / (std + eps)`` within the group, with the
+  *unbiased* standard deviation (Bessel's correction, ``torch.std(correction=1)``), as in GRPO
+  (Shao et al., 2024, https://arxiv.org/abs/2402.03300), verl's ``compute_grpo_outcome_advantage``
+  and TRL.
+- ``"dr_grpo"`` (:class:`DrGRPOAdvantage`): ``r - mean``, no division by the standard deviation
+  (Dr. GRPO, Liu et al., 2025, https://arxiv.org/abs/2503.20783).
+- ``"rloo"`` (:class:`RLOOAdvantage`): ``r_i - mean_{j != i} r_j``, the leave-one-out baseline
+  (Ahmadian et al., 2024, https://arxiv.org/abs/2402.14740). It equals
+  ``n / (n - 1) * (r_i - mean)`` and needs ``n >= 2``.
+- ``"reinforce_plus_plus_baseline"`` (:class:`ReinforcePlusPlusBaseline`): the group mean is
+  subtracted, then the result is divided by its standard deviation over the whole batch
+  (REINFORCE++-baseline, Hu et al., 2025, https://arxiv.org/abs/2501.03262; verl's
+  ``reinforce_plus_plus_baseline``, OpenRLHF's ``reinforce_baseline``).
 
-A group whose rewards are all equal (zero variance, which includes every group of one sample)
-carries no learning signal: all three estimators return exactly ``0.0`` for it, never NaN.
+A group whose rewards are all equal (zero variance) carries no learning signal: every estimator
+returns exactly ``0.0`` for it, never NaN. A user's estimator subclasses
+:class:`AdvantageEstimator` and is selected by ``class_path`` like a loss.
 """
 
-from collections.abc import Callable, Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-AdvantageEstimator = Literal["grpo", "dr_grpo", "rloo"]
+EstimatorName = Literal["grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline"]
 
 
 def _check_rewards(rewards: Tensor, min_group_size: int = 1) -> Tensor:
-    """Validate a ``(G, n)`` reward tensor and return it as a floating tensor.
-
-    Args:
-        rewards: Rewards shaped ``(G, n)``; integer and boolean tensors are converted to float.
-        min_group_size: The smallest ``n`` the estimator accepts.
-
-    Returns:
-        The rewards as a floating tensor of shape ``(G, n)``.
+    """Validate ``(G, n)`` rewards (``n >= min_group_size``, finite); return them as floats.
 
     Raises:
-        ValueError: If ``rewards`` is not a 2-D tensor with at least one group of at least
-            ``min_group_size`` samples, or holds NaN or infinite values.
-
+        ValueError: on another shape, no group, too small groups, or NaN/infinite rewards.
     """
     if not isinstance(rewards, Tensor):
         raise ValueError(f"rewards must be a torch.Tensor of shape (G, n), got {type(rewards)}")
@@ -63,18 +62,10 @@ def _check_rewards(rewards: Tensor, min_group_size: int = 1) -> Tensor:
 
 
 def _zero_constant_groups(advantages: Tensor, rewards: Tensor) -> Tensor:
-    """Set the advantages of groups whose rewards are all equal to exactly zero.
+    """Exact zeros for the groups whose rewards are all equal (``(G, n)`` both).
 
-    ``r - mean`` of equal floats is not always exactly ``0.0`` in floating point (the mean is
-    rounded), so constant groups are detected on the rewards themselves.
-
-    Args:
-        advantages: Advantages shaped ``(G, n)``.
-        rewards: Rewards shaped ``(G, n)``.
-
-    Returns:
-        The advantages, with the rows of constant groups set to ``0.0``.
-
+    ``r - mean`` of equal floats is not always exactly ``0.0`` (the mean is rounded), so constant
+    groups are detected on the rewards themselves.
     """
     constant = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)  # (G, 1)
     return torch.where(constant, torch.zeros_like(advantages), advantages)
@@ -160,22 +151,165 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     return _zero_constant_groups(rewards - baseline, rewards)
 
 
-ESTIMATORS: Mapping[str, Callable[[Tensor], Tensor]] = MappingProxyType(
-    {"grpo": grpo_advantages, "dr_grpo": dr_grpo_advantages, "rloo": rloo_advantages}
-)
-"""The built-in estimators by name (read-only; ``"grpo"`` with its default ``eps``)."""
+class AdvantageEstimator(ABC):
+    """Base class of advantage estimators: ``estimator(rewards (G, n)) -> advantages (G, n)``.
+
+    Subclass it, take hyper-parameters as typed ``__init__`` arguments, implement ``__call__``
+    and set :attr:`min_group_size`; then select it from YAML by ``class_path``
+    (``rollout.advantage``) without editing dgpo.
+
+    Example:
+        >>> class CentredOnly(AdvantageEstimator):
+        ...     min_group_size = 2
+        ...     def __call__(self, rewards: Tensor) -> Tensor:
+        ...         return rewards - rewards.mean(dim=1, keepdim=True)
+        >>> CentredOnly()(torch.tensor([[1.0, 0.0]]))
+        tensor([[ 0.5000, -0.5000]])
+    """
+
+    #: The smallest number of samples per prompt that gives a learning signal: 2 for group-relative
+    #: estimators (with n = 1 every advantage is 0, or the estimator is undefined). The rollout
+    #: callback rejects a smaller ``n`` before the first rollout.
+    min_group_size: ClassVar[int] = 2
+
+    @abstractmethod
+    def __call__(self, rewards: Tensor) -> Tensor:
+        """Advantages ``(G, n)`` of rewards ``(G, n)`` (``G`` prompts, ``n`` samples each)."""
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        return f"{type(self).__name__}({params})"
 
 
-def compute_advantages(
-    rewards: Tensor, estimator: AdvantageEstimator = "grpo", eps: float = 1e-6
-) -> Tensor:
-    """Compute group-relative advantages with the named estimator.
+def _check_eps(eps: float) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return float(eps)
+
+
+class GRPOAdvantage(AdvantageEstimator):
+    """GRPO: ``(r - mean) / (std + eps)`` within each group (see :func:`grpo_advantages`).
+
+    Args:
+        eps: added to the unbiased standard deviation, ``>= 0``.
+
+    Raises:
+        ValueError: for a negative ``eps``.
+    """
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        self.eps = _check_eps(eps)
+
+    def __call__(self, rewards: Tensor) -> Tensor:
+        """Group-normalised rewards."""
+        return grpo_advantages(rewards, eps=self.eps)
+
+
+class DrGRPOAdvantage(AdvantageEstimator):
+    """Dr. GRPO: ``r - mean`` within each group (see :func:`dr_grpo_advantages`)."""
+
+    def __call__(self, rewards: Tensor) -> Tensor:
+        """Group-centred rewards."""
+        return dr_grpo_advantages(rewards)
+
+
+class RLOOAdvantage(AdvantageEstimator):
+    """RLOO: the reward minus the mean of the group's other rewards (:func:`rloo_advantages`)."""
+
+    def __call__(self, rewards: Tensor) -> Tensor:
+        """Leave-one-out advantages; needs ``n >= 2``."""
+        return rloo_advantages(rewards)
+
+
+class ReinforcePlusPlusBaseline(AdvantageEstimator):
+    """REINFORCE++-baseline: subtract the group mean, then divide by the whole batch's std.
+
+    ``A = (r - mean_group) / (std_batch + eps)``, the standard deviation unbiased and taken over
+    all ``G · n`` centred rewards of the rollout (the callback calls the estimator once on the
+    whole, gathered rollout, so "batch" is the global batch on several ranks). verl whitens the
+    same quantity over tokens (a response counts once per token); here each response counts once.
+    Groups of one sample have no group baseline (verl's rule): with ``n = 1`` this is REINFORCE++
+    with the batch mean as baseline, ``(r - mean_batch) / (std_batch + eps)``.
+
+    Args:
+        eps: added to the batch standard deviation, ``>= 0``.
+
+    Raises:
+        ValueError: for a negative ``eps``.
+
+    Example:
+        >>> ReinforcePlusPlusBaseline(eps=0.0)(torch.tensor([[1.0, 0.0], [1.0, 1.0]]))
+        tensor([[ 1.2247, -1.2247],
+                [ 0.0000,  0.0000]])
+    """
+
+    min_group_size: ClassVar[int] = 1
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        self.eps = _check_eps(eps)
+
+    def __call__(self, rewards: Tensor) -> Tensor:
+        """Group-centred, batch-normalised rewards."""
+        rewards = _check_rewards(rewards)
+        if rewards.shape[1] >= 2:
+            centred = _zero_constant_groups(rewards - rewards.mean(dim=1, keepdim=True), rewards)
+        else:  # no group baseline for a group of one
+            constant = (rewards == rewards.flatten()[0]).all()
+            centred = torch.where(constant, torch.zeros_like(rewards), rewards - rewards.mean())
+        if centred.numel() < 2:
+            return torch.zeros_like(rewards)
+        # constant groups are exact zeros, and 0 / (std + eps) stays 0 (0 / 0 when all are: 0)
+        std = centred.std(correction=1)
+        return torch.where(centred == 0, torch.zeros_like(centred), centred / (std + self.eps))
+
+
+ESTIMATORS: Mapping[str, type[AdvantageEstimator]] = MappingProxyType({
+    "grpo": GRPOAdvantage,
+    "dr_grpo": DrGRPOAdvantage,
+    "rloo": RLOOAdvantage,
+    "reinforce_plus_plus_baseline": ReinforcePlusPlusBaseline,
+})
+"""The built-in estimators by name (read-only)."""
+
+
+def resolve_advantage(value: AdvantageEstimator | str) -> AdvantageEstimator:
+    """The estimator of ``rollout.advantage``: an :class:`AdvantageEstimator` or a built-in name.
+
+    jsonargparse falls back to the ``str`` branch of ``AdvantageEstimator | str`` when a
+    ``class_path`` does not name an :class:`AdvantageEstimator` subclass, so that case arrives
+    here as a string and gets its own error.
+
+    Raises:
+        ValueError: for an unknown name, or anything that is not an :class:`AdvantageEstimator`.
+
+    Example:
+        >>> resolve_advantage("rloo")
+        RLOOAdvantage()
+    """
+    if isinstance(value, AdvantageEstimator):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"advantage must be a dgpo.advantages.AdvantageEstimator or one of "
+                         f"{sorted(ESTIMATORS)}, got {type(value).__name__}")
+    if value in ESTIMATORS:
+        return ESTIMATORS[value]()
+    if "class_path" in value or "." in value:
+        raise ValueError(
+            f"advantage {value!r} is not a dgpo.advantages.AdvantageEstimator: give the class_path "
+            f"of an AdvantageEstimator subclass or a built-in name: {sorted(ESTIMATORS)}")
+    raise ValueError(
+        f"unknown advantage estimator {value!r}; valid estimators: {sorted(ESTIMATORS)}")
+
+
+def compute_advantages(rewards: Tensor, estimator: AdvantageEstimator | str = "grpo",
+                       eps: float = 1e-6) -> Tensor:
+    """Compute group-relative advantages with the named (or given) estimator.
 
     Args:
         rewards: Rewards shaped ``(G, n)``: ``G`` prompts, ``n`` samples each. Flat rewards ordered
             prompt by prompt become this shape with ``rewards.view(-1, n)``.
-        estimator: ``"grpo"``, ``"dr_grpo"`` or ``"rloo"`` (see the module docstring).
-        eps: Added to the standard deviation by ``"grpo"``; the other estimators do not use it.
+        estimator: a built-in name (see the module docstring) or an :class:`AdvantageEstimator`.
+        eps: the ``eps`` of ``"grpo"`` and ``"reinforce_plus_plus_baseline"`` when given by name.
 
     Returns:
         Advantages shaped ``(G, n)``, exactly ``0.0`` in groups whose rewards are all equal.
@@ -186,15 +320,12 @@ def compute_advantages(
     Example:
         >>> compute_advantages(torch.tensor([[1.0, 0.0, 0.0]]), "rloo")
         tensor([[ 1.0000, -0.5000, -0.5000]])
-
     """
-    if estimator not in ESTIMATORS:
-        raise ValueError(
-            f"unknown advantage estimator {estimator!r}; valid estimators: {sorted(ESTIMATORS)}"
-        )
-    if estimator == "grpo":  # the only estimator with an eps
-        return grpo_advantages(rewards, eps=eps)
-    return ESTIMATORS[estimator](rewards)
+    if isinstance(estimator, str) and estimator == "grpo":
+        return GRPOAdvantage(eps)(rewards)
+    if isinstance(estimator, str) and estimator == "reinforce_plus_plus_baseline":
+        return ReinforcePlusPlusBaseline(eps)(rewards)
+    return resolve_advantage(estimator)(rewards)
 
 
 def group_stats(correct: Tensor, rewards: Tensor | None = None) -> dict[str, float]:

@@ -3,19 +3,27 @@ from typing import get_args
 
 import pytest
 import torch
+from jsonargparse import ArgumentParser
+from torch import Tensor
 from torch.testing import assert_close
 
 from dgpo.advantages import (
     ESTIMATORS,
     AdvantageEstimator,
+    DrGRPOAdvantage,
+    EstimatorName,
+    GRPOAdvantage,
+    ReinforcePlusPlusBaseline,
+    RLOOAdvantage,
     compute_advantages,
     dr_grpo_advantages,
     group_stats,
     grpo_advantages,
+    resolve_advantage,
     rloo_advantages,
 )
 
-NAMES = ["grpo", "dr_grpo", "rloo"]
+NAMES = ["grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline"]
 
 
 def test_grpo_advantages_hand_computed() -> None:
@@ -91,6 +99,7 @@ def test_compute_advantages_matches_estimator_functions(estimator: str) -> None:
         "grpo": lambda r: grpo_advantages(r, eps=1e-3),
         "dr_grpo": dr_grpo_advantages,
         "rloo": rloo_advantages,
+        "reinforce_plus_plus_baseline": ReinforcePlusPlusBaseline(eps=1e-3),
     }
     assert_close(compute_advantages(rewards, estimator, eps=1e-3), functions[estimator](rewards))
 
@@ -113,7 +122,8 @@ def test_compute_advantages_zero_mean_per_group(estimator: str) -> None:
 
 
 def test_compute_advantages_unknown_estimator_lists_valid() -> None:
-    with pytest.raises(ValueError, match=r"'ppo'.*\['dr_grpo', 'grpo', 'rloo'\]"):
+    valid = r"\['dr_grpo', 'grpo', 'reinforce_plus_plus_baseline', 'rloo'\]"
+    with pytest.raises(ValueError, match=r"'ppo'.*" + valid):
         compute_advantages(torch.zeros(2, 2), "ppo")  # type: ignore[arg-type]  # bad on purpose
 
 
@@ -168,6 +178,92 @@ def test_group_stats_bad_input() -> None:
 
 
 def test_estimators_mapping_matches_literal_and_is_read_only() -> None:
-    assert sorted(ESTIMATORS) == sorted(get_args(AdvantageEstimator))
+    assert sorted(ESTIMATORS) == sorted(get_args(EstimatorName))
     with pytest.raises(TypeError):
         ESTIMATORS["mine"] = rloo_advantages  # type: ignore[index]  # read-only on purpose
+
+
+def test_reinforce_plus_plus_baseline_hand_computed() -> None:
+    # centred [[.75, -.25, -.25, -.25], [.5, .5, -.5, -.5]]; batch variance 1.75 / 7 → std 0.5
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    expected = torch.tensor([[1.5, -0.5, -0.5, -0.5], [1.0, 1.0, -1.0, -1.0]])
+    assert_close(ReinforcePlusPlusBaseline(eps=0.0)(rewards), expected)
+    assert_close(ReinforcePlusPlusBaseline()(rewards), expected * 0.5 / (0.5 + 1e-6))
+
+
+def test_reinforce_plus_plus_baseline_normalises_over_the_batch_not_the_group() -> None:
+    # the same group with a different neighbour gets a different scale (GRPO's would not change)
+    group = [1.0, 0.0, 0.0, 0.0]
+    quiet = ReinforcePlusPlusBaseline(eps=0.0)(torch.tensor([group, [0.1, 0.0, 0.0, 0.0]]))
+    loud = ReinforcePlusPlusBaseline(eps=0.0)(torch.tensor([group, [5.0, 0.0, 0.0, 0.0]]))
+    assert not torch.allclose(quiet[0], loud[0])
+    centred = torch.tensor([group, [5.0, 0.0, 0.0, 0.0]])
+    centred = centred - centred.mean(dim=1, keepdim=True)
+    assert_close(loud, centred / centred.flatten().std())
+
+
+def test_reinforce_plus_plus_baseline_single_samples_use_the_batch_mean() -> None:
+    # n = 1 (verl: no group baseline): (r − 0.5) / unbiased std sqrt(1/3)
+    rewards = torch.tensor([[1.0], [0.0], [0.0], [1.0]])
+    expected = torch.tensor([[0.5], [-0.5], [-0.5], [0.5]]) * math.sqrt(3)
+    assert_close(ReinforcePlusPlusBaseline(eps=0.0)(rewards), expected)
+    assert torch.equal(ReinforcePlusPlusBaseline()(torch.full((5, 1), 0.1)), torch.zeros(5, 1))
+    assert torch.equal(ReinforcePlusPlusBaseline()(torch.tensor([[0.3]])), torch.zeros(1, 1))
+
+
+def test_estimator_classes_match_the_functions_and_state_their_group_size() -> None:
+    rewards = torch.rand(4, 5, generator=torch.Generator().manual_seed(4))
+    assert_close(GRPOAdvantage(eps=1e-3)(rewards), grpo_advantages(rewards, eps=1e-3))
+    assert_close(DrGRPOAdvantage()(rewards), dr_grpo_advantages(rewards))
+    assert_close(RLOOAdvantage()(rewards), rloo_advantages(rewards))
+    sizes = {name: cls.min_group_size for name, cls in ESTIMATORS.items()}
+    assert sizes == {"grpo": 2, "dr_grpo": 2, "rloo": 2, "reinforce_plus_plus_baseline": 1}
+    with pytest.raises(ValueError, match="eps must be >= 0, got -1"):
+        GRPOAdvantage(eps=-1.0)
+    with pytest.raises(ValueError, match="eps must be >= 0, got -0.5"):
+        ReinforcePlusPlusBaseline(eps=-0.5)
+
+
+class MedianBaseline(AdvantageEstimator):
+    """A user's estimator: the reward minus the group median, scaled."""
+
+    min_group_size = 3
+
+    def __init__(self, scale: float = 1.0) -> None:
+        self.scale = scale
+
+    def __call__(self, rewards: Tensor) -> Tensor:
+        return self.scale * (rewards - rewards.median(dim=1, keepdim=True).values)
+
+
+def test_resolve_advantage_names_instances_and_errors() -> None:
+    assert type(resolve_advantage("rloo")) is RLOOAdvantage
+    assert type(resolve_advantage("reinforce_plus_plus_baseline")) is ReinforcePlusPlusBaseline
+    mine = MedianBaseline(scale=2.0)
+    assert resolve_advantage(mine) is mine
+    with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo'; valid estimators: "
+                                         r"\['dr_grpo', 'grpo', "):
+        resolve_advantage("ppo")
+    with pytest.raises(ValueError, match="'my.Estimator' is not a dgpo.advantages.AdvantageEst"):
+        resolve_advantage("my.Estimator")
+    with pytest.raises(ValueError, match="got int"):
+        resolve_advantage(3)  # type: ignore[arg-type]  # bad on purpose
+    assert_close(compute_advantages(torch.tensor([[3.0, 1.0, 0.0]]), mine),
+                 torch.tensor([[4.0, 0.0, -2.0]]))
+
+
+def test_user_estimator_is_selected_by_class_path() -> None:
+    parser = ArgumentParser()
+    parser.add_argument("--advantage", type=AdvantageEstimator | str, default="grpo")
+    config = parser.parse_args(["--advantage", "rloo"])
+    assert config.advantage == "rloo"
+    assert type(resolve_advantage(parser.instantiate_classes(config).advantage)) is RLOOAdvantage
+    config = parser.parse_object({"advantage": {
+        "class_path": "tests.test_advantages.MedianBaseline", "init_args": {"scale": 0.5}}})
+    estimator = resolve_advantage(parser.instantiate_classes(config).advantage)
+    assert type(estimator).__name__ == "MedianBaseline" and estimator.scale == 0.5
+    assert estimator.min_group_size == 3
+    assert_close(estimator(torch.tensor([[3.0, 1.0, 0.0]])), torch.tensor([[1.0, 0.0, -0.5]]))
+    builtin = parser.parse_object({"advantage": {
+        "class_path": "dgpo.advantages.GRPOAdvantage", "init_args": {"eps": 0.01}}})
+    assert resolve_advantage(parser.instantiate_classes(builtin).advantage).eps == 0.01

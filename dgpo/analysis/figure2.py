@@ -13,14 +13,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dgpo.analysis.weights import METHOD_LABELS, WeightKind, check_kind, weight_curve
-from dgpo.losses import LOSSES, DGPOLoss, build_loss
+from dgpo.analysis.weights import (
+    METHOD_LABELS,
+    WeightKind,
+    check_kind,
+    check_token_level,
+    weight_curve,
+)
+from dgpo.losses import DGPOLoss, build_loss
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-#: The baselines drawn by default (PG is the reference line).
-BASELINES: tuple[str, ...] = ("grpo", "cispo", "gppo", "ce_gppo", "aspo")
+#: The baselines drawn by default (PG is the reference line). GSPO and GMPO have no curve: their
+#: weight depends on the whole response (see :data:`dgpo.analysis.weights.TOKEN_LEVEL_METHODS`).
+BASELINES: tuple[str, ...] = ("grpo", "cispo", "gppo", "ce_gppo", "aspo", "sapo")
 #: The DGPO settings drawn by default: (n, m). n shapes the left half, m the right half.
 DGPO_SETTINGS: tuple[tuple[float, float], ...] = ((1, 2), (2, 3))
 
@@ -44,14 +51,13 @@ def weight_functions(old_prob: float = 0.5, methods: Sequence[str] = BASELINES,
         The grid of π, and per curve label ``{"negative": W(A<0), "positive": W(A>0)}``.
 
     Raises:
-        ValueError: for π_old outside (0, 1), an unknown method or weight kind.
+        ValueError: for π_old outside (0, 1), an unknown or sequence-level method, or an
+            unknown weight kind.
     """
     if not 0.0 < old_prob < 1.0:
         raise ValueError(f"old_prob must be in (0, 1), got {old_prob!r}")
     check_kind(kind)
-    unknown = [name for name in methods if name not in LOSSES]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {', '.join(LOSSES)}")
+    check_token_level(methods)
     widths = {"clip_low": clip_low, "clip_high": clip_high}
     grid = np.linspace(1.0 / num, 1.0, num)
     # Put the boundaries on the grid so that jumps and kinks are drawn where they are.

@@ -18,7 +18,7 @@ from typing_extensions import override
 from dgpo.analysis.reservoir import Reservoir
 from dgpo.analysis.schema import COLUMNS, METHOD_PREFIX, RECORDING
 from dgpo.analysis.weights import comparison_losses, method_name
-from dgpo.losses import REGION_NAMES, PolicyLoss, regions
+from dgpo.losses import REGION_NAMES, PolicyLoss
 
 
 class GradientWeightRecorder(Callback):
@@ -129,7 +129,8 @@ class GradientWeightRecorder(Callback):
 
     def _record(self, trainer: Trainer, outputs: Mapping[str, Any], batch_idx: int) -> None:
         assert self._loss is not None, "setup('fit') has not run"
-        rows, positions = outputs["mask"].bool().nonzero(as_tuple=True)
+        mask = outputs["mask"].bool()
+        rows, positions = mask.nonzero(as_tuple=True)
         total = rows.numel()
         self._steps += 1
         self._valid_tokens += total
@@ -149,7 +150,10 @@ class GradientWeightRecorder(Callback):
         ratio, logp, old_logp = take("ratio"), take("logp"), take("old_logp")
         advantages, weight = take("advantages"), take("prob_weight")
         prob, old_prob = logp.exp(), old_logp.exp()
-        code = regions(ratio, advantages, self._loss.clip_low, self._loss.clip_high)
+        # the trained loss's own regions (GSPO: of the sequence ratio), from the whole mini-batch
+        code = self._loss.region_codes(outputs["ratio"].detach().float(),
+                                       outputs["advantages"].detach().float(), mask)
+        code = code[rows, positions].cpu()
         batch: dict[str, np.ndarray] = {
             "step": np.full(len(pick), trainer.global_step - 1, dtype=np.int64),
             "epoch": np.full(len(pick), trainer.current_epoch, dtype=np.int32),

@@ -19,7 +19,7 @@ COLUMNS: dict[str, str] = {
     "prob": "pi = exp(logp)",
     "old_prob": "pi_old = exp(old_logp)",
     "entropy": "policy entropy at the token's position (NaN if not returned)",
-    "region": "IN, LN, LP, HN or HP for the trained loss's clip_low/clip_high",
+    "region": "IN, LN, LP, HN or HP of the trained loss (its clip_low/clip_high, of what it clips)",
     "prob_weight": "W on grad(pi) the trained loss applied (NaN if it states none)",
     "grad_weight": "g = W * pi on grad(log pi) the trained loss applied",
 }

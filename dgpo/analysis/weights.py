@@ -31,7 +31,30 @@ WEIGHT_LABELS: dict[str, str] = {
 }
 #: Display names of the built-in methods.
 METHOD_LABELS: dict[str, str] = {"pg": "PG", "grpo": "GRPO", "cispo": "CISPO", "gppo": "GPPO",
-                                 "ce_gppo": "CE-GPPO", "aspo": "ASPO", "dgpo": "DGPO"}
+                                 "ce_gppo": "CE-GPPO", "aspo": "ASPO", "dgpo": "DGPO",
+                                 "sapo": "SAPO", "gspo": "GSPO", "gmpo": "GMPO"}
+#: The built-in methods whose weight is a function of the token alone (its ratio, π_old and A):
+#: the ones Figure 2 can draw and the recorder can evaluate on sampled tokens. GSPO's and GMPO's
+#: weights depend on the whole response (``PolicyLoss.sequence_level``).
+TOKEN_LEVEL_METHODS: tuple[str, ...] = tuple(name for name, cls in LOSSES.items()
+                                             if not cls.sequence_level)
+
+
+def check_token_level(methods: Sequence[str]) -> None:
+    """Raise a ``ValueError`` unless every name is a built-in token-level method.
+
+    Raises:
+        ValueError: for an unknown name, or a sequence-level method (GSPO, GMPO).
+    """
+    unknown = [name for name in methods if name not in LOSSES]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join(LOSSES)}")
+    sequence = [name for name in methods if LOSSES[name].sequence_level]
+    if sequence:
+        raise ValueError(
+            f"methods {sequence} are sequence-level: a token's weight depends on its whole "
+            f"response, not on the token alone; token-level methods: "
+            f"{', '.join(TOKEN_LEVEL_METHODS)}")
 
 
 def check_kind(kind: str) -> None:
@@ -75,22 +98,21 @@ def comparison_losses(active: PolicyLoss | None = None,
     """One loss per built-in method, to evaluate every method's weight on the same tokens.
 
     Each is built with its defaults except the trust-region widths, taken from ``active`` so that
-    every method sees the same regions. The method of ``active``'s own class is ``active`` itself
-    (its ``n``, ``m``, betas, ... included).
+    every method sees the same regions (unless ``active`` is sequence-level: its widths bound
+    another quantity). The method of ``active``'s own class is ``active`` itself (its ``n``,
+    ``m``, betas, ... included).
 
     Args:
         active: the loss being trained, or ``None`` for the defaults.
-        methods: built-in names; defaults to every one of :data:`~dgpo.losses.LOSSES`.
+        methods: built-in names; defaults to :data:`TOKEN_LEVEL_METHODS`.
 
     Raises:
-        ValueError: for an unknown method name.
+        ValueError: for an unknown or a sequence-level method name.
     """
-    methods = list(LOSSES) if methods is None else list(methods)
-    unknown = [name for name in methods if name not in LOSSES]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {', '.join(LOSSES)}")
+    methods = list(TOKEN_LEVEL_METHODS) if methods is None else list(methods)
+    check_token_level(methods)
     widths: dict[str, float] = {}
-    if active is not None:
+    if active is not None and not active.sequence_level:
         widths["clip_high"] = active.clip_high
         if active.clip_low is not None:
             widths["clip_low"] = active.clip_low
@@ -114,7 +136,13 @@ def weight_curve(loss: PolicyLoss, prob: np.ndarray, old_prob: float, advantage:
 
     Returns:
         The weight at each grid point, float64.
+
+    Raises:
+        ValueError: for a sequence-level loss (its weight is not a function of the token alone).
     """
+    if loss.sequence_level:
+        raise ValueError(f"{type(loss).__name__} is sequence-level: a token's weight depends on "
+                         "its whole response, so it has no curve against the token's π")
     prob_t = torch.as_tensor(np.asarray(prob, dtype=np.float64))
     old = torch.full_like(prob_t, float(old_prob))
     weight = loss.prob_weight(prob_t / old, old, torch.full_like(prob_t, float(advantage)))

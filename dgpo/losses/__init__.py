@@ -1,4 +1,4 @@
-"""Policy losses: PG, GRPO, CISPO, GPPO, CE-GPPO, ASPO and DGPO behind one contract.
+"""Policy losses: PG, GRPO, CISPO, GPPO, CE-GPPO, ASPO, DGPO, SAPO, GSPO and GMPO, one contract.
 
 Build one by name with :func:`build_loss`, or by class (``class_path``/``init_args`` in YAML).
 """
@@ -11,14 +11,32 @@ from collections.abc import Mapping
 from typing import Any
 
 from dgpo.losses.aspo import ASPOLoss
-from dgpo.losses.base import AGGREGATIONS, REGION_NAMES, LossOutput, PolicyLoss, aggregate, regions
+from dgpo.losses.base import (
+    AGGREGATIONS,
+    REGION_NAMES,
+    LossOutput,
+    PolicyLoss,
+    aggregate,
+    regions,
+    sequence_mean,
+)
 from dgpo.losses.ce_gppo import CEGPPOLoss
 from dgpo.losses.cispo import CISPOLoss
+from dgpo.losses.correction import (
+    CORRECTION_MODES,
+    check_correction,
+    rollout_correction,
+    rollout_correction_metrics,
+)
 from dgpo.losses.dgpo import DGPOLoss
+from dgpo.losses.gmpo import GMPOLoss
 from dgpo.losses.gppo import GPPOLoss
 from dgpo.losses.grpo import GRPOLoss
-from dgpo.losses.kl import k3_kl
+from dgpo.losses.gspo import GSPOLoss
+from dgpo.losses.kl import KL_ESTIMATORS, k3_kl, kl_penalty
 from dgpo.losses.pg import PGLoss
+from dgpo.losses.sapo import SAPOLoss
+from dgpo.losses.sequence import SequencePolicyLoss
 
 #: The built-in losses by name.
 LOSSES: dict[str, type[PolicyLoss]] = {
@@ -29,6 +47,9 @@ LOSSES: dict[str, type[PolicyLoss]] = {
     "ce_gppo": CEGPPOLoss,
     "aspo": ASPOLoss,
     "dgpo": DGPOLoss,
+    "sapo": SAPOLoss,
+    "gspo": GSPOLoss,
+    "gmpo": GMPOLoss,
 }
 
 
@@ -37,7 +58,7 @@ def build_loss(name: str, **hparams: Any) -> PolicyLoss:
 
     Args:
         name: one of ``LOSSES`` (``"pg"``, ``"grpo"``, ``"cispo"``, ``"gppo"``, ``"ce_gppo"``,
-            ``"aspo"``, ``"dgpo"``).
+            ``"aspo"``, ``"dgpo"``, ``"sapo"``, ``"gspo"``, ``"gmpo"``).
         **hparams: keyword arguments of the loss class.
 
     Raises:
@@ -54,23 +75,34 @@ def build_loss(name: str, **hparams: Any) -> PolicyLoss:
 
 __all__ = [
     "AGGREGATIONS",
+    "CORRECTION_MODES",
     "ASPOLoss",
     "CEGPPOLoss",
     "CISPOLoss",
     "DGPOLoss",
+    "GMPOLoss",
     "GPPOLoss",
     "GRPOLoss",
+    "GSPOLoss",
+    "KL_ESTIMATORS",
     "LOSSES",
     "LossOutput",
     "PGLoss",
     "PolicyLoss",
     "REGION_NAMES",
+    "SAPOLoss",
+    "SequencePolicyLoss",
     "aggregate",
     "build_loss",
+    "check_correction",
     "k3_kl",
+    "kl_penalty",
     "loss_config",
     "regions",
     "resolve_loss",
+    "rollout_correction",
+    "rollout_correction_metrics",
+    "sequence_mean",
 ]
 
 

@@ -5,6 +5,11 @@ behaviour policy (``old_logp``), the advantages and a mask of valid response tok
 whose autograd gradient is the method's policy gradient. It also states that gradient analytically
 (:meth:`PolicyLoss.prob_weight`), which the tests hold autograd against and the figures are drawn
 from. See ``docs``/README for the table of weights.
+
+Token-level losses (every token's surrogate depends on that token alone) implement
+:meth:`PolicyLoss.token_loss`. Sequence-level losses (GSPO, GMPO: a token's surrogate depends on
+the whole response through a per-sequence ratio) subclass :class:`SequencePolicyLoss` and
+implement the masked hooks instead; both are called the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -114,6 +119,17 @@ def aggregate(token_loss: Tensor, mask: Tensor, agg: str, num_tokens: int | Tens
     raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
 
 
+def sequence_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over each sequence's valid tokens (the last dimension), ``(B, T) → (B,)``.
+
+    Masked positions are ignored even when they hold NaN or inf; a sequence without valid tokens
+    gets 0.
+    """
+    mask = mask.bool()
+    total = torch.where(mask, values, torch.zeros_like(values)).sum(-1)
+    return total / torch.clamp(mask.sum(-1), min=1).to(values.dtype)
+
+
 def ratio_from_logp(logp: Tensor, old_logp: Tensor) -> tuple[Tensor, Tensor]:
     """Return the clamped log-ratio and the ratio ``r = π / π_old`` (differentiable in ``logp``)."""
     log_ratio = torch.clamp(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -132,7 +148,9 @@ class PolicyLoss(ABC):
     """Base class of every policy loss: shared hyper-parameters, regions, aggregation, metrics.
 
     Subclasses implement :meth:`token_loss` (the per-token surrogate to minimise) and, to take part
-    in the tests and the figures, :meth:`prob_weight`. Calling the loss does the rest.
+    in the tests and the figures, :meth:`prob_weight`. Calling the loss does the rest. A loss whose
+    surrogate needs the mask (a per-sequence quantity) overrides :meth:`masked_token_loss` and
+    :meth:`masked_prob_weight` instead (see :class:`SequencePolicyLoss`).
 
     Args:
         clip_low: ε_l, the lower trust-region width: the boundary is ``r = 1 − ε_l``; in (0, 1).
@@ -152,7 +170,11 @@ class PolicyLoss(ABC):
     """
 
     #: Whether ``clip_low=None`` (no lower boundary) is allowed.
-    allows_no_clip_low: bool = False
+    allows_no_clip_low: ClassVar[bool] = False
+    #: Whether a token's gradient depends on the other tokens of its response (GSPO, GMPO): then
+    #: its weight is not a function of the token's own ratio, and it is left out of Figure 2 and
+    #: of the recorder's per-method comparison columns.
+    sequence_level: ClassVar[bool] = False
 
     def __init__(self, clip_low: float | None = 0.2, clip_high: float = 0.2,
                  agg: Aggregation = "token-mean", norm_length: int | None = None) -> None:
@@ -171,6 +193,28 @@ class PolicyLoss(ABC):
     def token_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor) -> Tensor:
         """Per-token surrogate to minimise, ``(B, T)``; ``advantages`` is already ``(B, T)``."""
 
+    def masked_token_loss(self, logp: Tensor, old_logp: Tensor, advantages: Tensor,
+                          mask: Tensor) -> Tensor:
+        """Per-token surrogate given the mask of valid tokens, ``(B, T)``.
+
+        Token-level losses do not need the mask: this is :meth:`token_loss`. Sequence-level losses
+        override it (their per-sequence reductions must ignore padding).
+        """
+        return self.token_loss(logp, old_logp, advantages)
+
+    def masked_prob_weight(self, ratio: Tensor, old_prob: Tensor, advantages: Tensor,
+                           mask: Tensor) -> Tensor:
+        """W per token given the mask: :meth:`prob_weight` for token-level losses."""
+        return self.prob_weight(ratio, old_prob, advantages)
+
+    def region_codes(self, ratio: Tensor, advantages: Tensor, mask: Tensor) -> Tensor:
+        """Each token's region (IN, LN, LP, HN, HP) for the metrics: :func:`regions` of ``r``.
+
+        A loss that clips another quantity than the token ratio (GSPO the sequence ratio, GMPO the
+        log-ratio) overrides this so that the fractions describe its own trust region.
+        """
+        return regions(ratio, advantages, self.clip_low, self.clip_high)
+
     def prob_weight(self, ratio: Tensor, old_prob: Tensor, advantages: Tensor) -> Tensor:
         """Analytic weight W on ``∇π`` per token: ``∇ objective = A · W · ∇π``.
 
@@ -188,7 +232,8 @@ class PolicyLoss(ABC):
 
     def __call__(self, logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                  num_tokens: int | Tensor | None = None,
-                 num_sequences: int | Tensor | None = None) -> LossOutput:
+                 num_sequences: int | Tensor | None = None,
+                 weights: Tensor | None = None) -> LossOutput:
         """Compute the loss and its metrics.
 
         Args:
@@ -198,9 +243,16 @@ class PolicyLoss(ABC):
             mask: 1/True for valid response tokens, ``(B, T)``.
             num_tokens: global count of valid tokens for token-mean (see :func:`aggregate`).
             num_sequences: global count of sequences for the seq-mean modes.
+            weights: optional non-negative per-token factors ``(B, T)`` (train–inference mismatch
+                correction, :func:`dgpo.losses.rollout_correction`) that multiply the per-token
+                loss before aggregation, as verl's ``rollout_is_weights``: each token's gradient
+                becomes ``weights · A · W · ∇π``. ``out.prob_weight`` stays the method's W.
 
         Returns:
             The scalar loss, detached metrics, and the per-token ratio and weight.
+
+        Raises:
+            ValueError: when the shapes disagree.
         """
         if logp.shape != old_logp.shape or logp.shape != mask.shape:
             raise ValueError(
@@ -210,11 +262,17 @@ class PolicyLoss(ABC):
         dtype = torch.promote_types(logp.dtype, torch.float32)
         logp, old_logp = logp.to(dtype), old_logp.detach().to(dtype)
         advantages = _broadcast_advantages(advantages.detach().to(dtype), logp.shape)
-        token_loss = self.token_loss(logp, old_logp, advantages)
+        token_loss = self.masked_token_loss(logp, old_logp, advantages, mask)
+        if weights is not None:
+            if weights.shape != logp.shape:
+                raise ValueError(f"weights must have the shape (B, T) = {tuple(logp.shape)} of "
+                                 f"logp, got {tuple(weights.shape)}")
+            factor = weights.detach().to(dtype)
+            token_loss = token_loss * torch.where(mask.bool(), factor, torch.zeros_like(factor))
         loss = aggregate(token_loss, mask, self.agg, num_tokens, num_sequences, self.norm_length)
         with torch.no_grad():
             ratio = ratio_from_logp(logp, old_logp)[1]
-            weight = (self.prob_weight(ratio, old_logp.exp(), advantages)
+            weight = (self.masked_prob_weight(ratio, old_logp.exp(), advantages, mask)
                       if self.states_prob_weight else None)
             metrics = self.metrics(ratio, logp.exp(), advantages, mask.bool(), weight)
         return LossOutput(loss=loss, metrics=metrics, ratio=ratio, prob_weight=weight)
@@ -227,7 +285,7 @@ class PolicyLoss(ABC):
         method while ``π = π_old``), which stays finite where W itself (∝ 1/π_old) does not.
         """
         count = torch.clamp(mask.sum(), min=1).to(ratio.dtype)
-        code = regions(ratio, advantages, self.clip_low, self.clip_high)
+        code = self.region_codes(ratio, advantages, mask)
         out = {f"region/{name}": ((code == index) & mask).sum() / count
                for index, name in enumerate(REGION_NAMES)}
         valid_ratio = torch.where(mask, ratio, torch.zeros_like(ratio))

@@ -3,14 +3,16 @@ import pytest
 import torch
 
 from dgpo.analysis import comparison_losses, convert_weight, method_name, weight_curve
-from dgpo.analysis.figure2 import weight_functions
-from dgpo.losses import LOSSES, CISPOLoss, DGPOLoss, GRPOLoss
+from dgpo.analysis.figure2 import BASELINES, weight_functions
+from dgpo.analysis.weights import TOKEN_LEVEL_METHODS
+from dgpo.losses import LOSSES, CISPOLoss, DGPOLoss, GRPOLoss, GSPOLoss, SAPOLoss
 
 
 def test_comparison_losses_share_the_trained_widths_and_reuse_the_trained_loss():
     active = DGPOLoss(clip_low=0.1, clip_high=0.3, n=2, m=3)
     losses = comparison_losses(active)
-    assert list(losses) == list(LOSSES)
+    assert list(losses) == list(TOKEN_LEVEL_METHODS)
+    assert set(LOSSES) - set(TOKEN_LEVEL_METHODS) == {"gspo", "gmpo"}
     assert losses["dgpo"] is active
     assert all(loss.clip_low == 0.1 and loss.clip_high == 0.3 for loss in losses.values())
     assert list(comparison_losses(CISPOLoss(clip_low=None), ["grpo"])) == ["grpo"]
@@ -65,3 +67,28 @@ def test_figure2_curves_have_the_papers_shape():
     other = curves["DGPO (n=2, m=3)"]
     assert (other["negative"][ln] < dgpo["negative"][ln]).all()
     assert (other["positive"][hp] > dgpo["positive"][hp]).all()
+
+
+def test_sequence_level_methods_have_no_token_curve_and_no_comparison_column():
+    with pytest.raises(ValueError, match=r"methods \['gspo'\] are sequence-level"):
+        comparison_losses(None, ["grpo", "gspo"])
+    with pytest.raises(ValueError, match=r"methods \['gmpo'\] are sequence-level"):
+        weight_functions(0.5, methods=["gmpo"])
+    with pytest.raises(ValueError, match="GSPOLoss is sequence-level"):
+        weight_curve(GSPOLoss(), np.linspace(0.1, 1.0, 5), 0.5, 1.0)
+    # a sequence-level trained loss does not impose its (sequence-ratio) widths on the others
+    assert comparison_losses(GSPOLoss(), ["grpo"])["grpo"].clip_high == 0.2
+
+
+def test_figure2_sapo_curve_is_its_smooth_bump():
+    old = 0.5
+    assert "sapo" in BASELINES
+    grid, curves = weight_functions(old)
+    ratio = grid / old
+    for sign, tau in (("negative", 1.05), ("positive", 1.0)):
+        sigma = 1 / (1 + np.exp(-tau * (ratio - 1)))
+        np.testing.assert_allclose(curves["SAPO"][sign], 4 * sigma * (1 - sigma) / old, rtol=1e-9)
+    assert curves["SAPO"]["positive"][np.argmin(np.abs(grid - old))] == pytest.approx(1 / old)
+    expected = SAPOLoss().prob_weight(torch.tensor(ratio), torch.full((len(grid),), old),
+                                      torch.full((len(grid),), 1.0)).numpy()
+    np.testing.assert_allclose(curves["SAPO"]["positive"], expected)

@@ -12,13 +12,14 @@ import yaml
 
 from dgpo.analysis import COLUMNS, GradientWeightRecorder, load_run
 from dgpo.analysis.recorder import METHOD_PREFIX
+from dgpo.analysis.weights import TOKEN_LEVEL_METHODS
 from dgpo.cli import main
-from dgpo.losses import LOSSES, REGION_NAMES, DGPOLoss, GPPOLoss, build_loss, regions
+from dgpo.losses import REGION_NAMES, DGPOLoss, GPPOLoss, GSPOLoss, build_loss, regions
 from tests.analysis.conftest import fake_outputs, feed
 from tests.plugins import SignedLogProbLoss
 from tests.test_cli import TINY
 
-EXPECTED = [*COLUMNS, *(METHOD_PREFIX + name for name in LOSSES)]
+EXPECTED = [*COLUMNS, *(METHOD_PREFIX + name for name in TOKEN_LEVEL_METHODS)]
 
 
 def test_recorder_file_has_the_documented_columns_and_metadata(tmp_path):
@@ -34,7 +35,7 @@ def test_recorder_file_has_the_documented_columns_and_metadata(tmp_path):
     assert meta["finished"] is True
     run = load_run(tmp_path)
     assert list(run.tokens["region"].cat.categories) == list(REGION_NAMES)
-    assert run.method == "dgpo" and run.methods == list(LOSSES)
+    assert run.method == "dgpo" and run.methods == list(TOKEN_LEVEL_METHODS)
 
 
 def test_recorder_weights_equal_prob_weight_recomputed_from_the_recorded_tokens(tmp_path):
@@ -47,10 +48,13 @@ def test_recorder_weights_equal_prob_weight_recomputed_from_the_recorded_tokens(
     np.testing.assert_array_equal(tokens["prob_weight"],
                                   loss.prob_weight(ratio, old_prob, advantage).numpy())
     np.testing.assert_array_equal(tokens["w_gppo"], tokens["prob_weight"])
-    for name in LOSSES:  # every method with the trained loss's clip widths
+    for name in TOKEN_LEVEL_METHODS:  # every token-level method with the trained loss's widths
         other = build_loss(name, clip_low=0.25, clip_high=0.3) if name != "gppo" else loss
-        np.testing.assert_array_equal(tokens[f"w_{name}"],
-                                      other.prob_weight(ratio, old_prob, advantage).numpy())
+        # float32 exp/sigmoid (SAPO) may differ in the last bit between a vectorised kernel on
+        # the step's tokens and one on the whole file: equal to float32 rounding, not bitwise
+        np.testing.assert_allclose(tokens[f"w_{name}"],
+                                   other.prob_weight(ratio, old_prob, advantage).numpy(),
+                                   rtol=1e-6, atol=0)
     np.testing.assert_allclose(tokens["grad_weight"], tokens["prob_weight"] * tokens["prob"],
                                rtol=1e-6)
     codes = regions(ratio, advantage, 0.25, 0.3).numpy()
@@ -159,3 +163,25 @@ def test_recorder_in_a_real_run_has_no_effect_on_training(tmp_path, tiny_model_p
                                   DGPOLoss().prob_weight(ratio, old_prob, advantage).numpy())
     assert (tokens.loc[tokens["batch_idx"] == 0, "ratio"] == 1.0).all()  # π_old is the policy
     assert (tokens["ratio"] != 1.0).any(), "later mini-batches move the ratio"
+
+
+def test_recorder_of_a_sequence_level_loss_records_its_regions_and_weights(tmp_path):
+    """GSPO: the region is that of the response's ratio; the weight is the one the loss applied."""
+    loss = GSPOLoss(clip_low=0.05, clip_high=0.05)
+    outputs = feed(GradientWeightRecorder(tokens_per_step=64), tmp_path, steps=3, loss=loss)
+    run = load_run(tmp_path)
+    assert run.method == "gspo" and run.methods == list(TOKEN_LEVEL_METHODS)
+    tokens = run.tokens
+    for step, out in enumerate(outputs):
+        mask = out["mask"]
+        log_ratio = torch.where(mask, out["ratio"], torch.ones_like(out["ratio"])).log()
+        sequence_ratio = torch.exp(log_ratio.sum(-1) / mask.sum(-1).clamp(min=1))
+        rows = tokens[tokens["step"] == step]
+        seq = torch.tensor(rows["sequence"].to_numpy(), dtype=torch.long)
+        pos = torch.tensor(rows["position"].to_numpy(), dtype=torch.long)
+        s, advantage = sequence_ratio[seq], out["advantages"][seq, pos]
+        expected = np.where(s < 0.95, np.where(advantage < 0, "LN", "LP"),
+                            np.where(s > 1.05, np.where(advantage < 0, "HN", "HP"), "IN"))
+        assert list(rows["region"].astype(str)) == list(expected)
+        np.testing.assert_array_equal(rows["prob_weight"], out["prob_weight"][seq, pos].numpy())
+    assert set(tokens["region"].astype(str)) - {"IN"}, "the fake responses should leave the region"

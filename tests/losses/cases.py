@@ -32,6 +32,12 @@ LOSS_CASES = {
     "dgpo": {},
     "dgpo-n2m2": {"n": 2, "m": 2},
     "dgpo-n3m3": {"n": 3, "m": 3},
+    "sapo": {},
+    "sapo-sharp": {"tau_pos": 2.0, "tau_neg": 4.0, "agg": "token-mean"},
+    "gspo": {},
+    "gspo-wide": {"clip_low": 0.2, "clip_high": 0.2, "agg": "token-mean"},
+    "gmpo": {},
+    "gmpo-narrow": {"clip_low": 0.1, "clip_high": 0.2},
 }
 
 

@@ -114,7 +114,7 @@ def test_loss_metrics_report_region_fractions(loss_case):
     metrics = loss_fn(logp, old_logp, advantages, torch.ones_like(logp)).metrics
     fractions = [metrics[f"region/{name}"] for name in ("IN", "LN", "LP", "HN", "HP")]
     assert sum(fractions).item() == pytest.approx(1.0)
-    if loss_fn.clip_low is not None:
+    if loss_fn.clip_low is not None and type(loss_fn).region_codes is PolicyLoss.region_codes:
         assert metrics["region/IN"].item() == pytest.approx(2 / 12)
         assert metrics["region/LN"].item() == pytest.approx(2 / 12)
         assert metrics["region/HP"].item() == pytest.approx(3 / 12)
@@ -152,9 +152,8 @@ def test_loss_invalid_hyperparameters_raise(name, kwargs, message):
 
 
 def test_build_loss_unknown_name_lists_known_ones():
-    with pytest.raises(
-        ValueError, match="known losses: pg, grpo, cispo, gppo, ce_gppo, aspo, dgpo"
-    ):
+    known = "pg, grpo, cispo, gppo, ce_gppo, aspo, dgpo, sapo, gspo, gmpo"
+    with pytest.raises(ValueError, match=f"known losses: {known}"):
         build_loss("ppo")
 
 
@@ -223,3 +222,37 @@ def test_user_loss_without_prob_weight_still_trains():
     assert math.isfinite(out.loss.item())
     with pytest.raises(NotImplementedError):
         loss_fn.prob_weight(out.ratio, old_logp.exp(), advantages[:, None])
+
+
+def test_loss_weights_scale_each_tokens_gradient(loss_case):
+    """Rollout-correction weights multiply each token's loss: its gradient scales by its weight."""
+    loss_fn = make_loss(loss_case)
+    logp, old_logp, advantages, mask = random_batch()
+    g = torch.Generator().manual_seed(5)
+    weights = torch.rand(logp.shape, generator=g, dtype=logp.dtype) * 2
+    if loss_fn.sequence_level:  # one weight per response (the sequence_* correction modes)
+        weights = weights[:, :1].expand_as(weights)
+    weights = torch.where(mask, weights, torch.full_like(weights, math.nan))  # padding: garbage
+    plain = logp.clone().requires_grad_(True)
+    loss_fn(plain, old_logp, advantages, mask).loss.backward()
+    weighted = logp.clone().requires_grad_(True)
+    out = loss_fn(weighted, old_logp, advantages, mask, weights=weights)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(weighted.grad, torch.where(mask, weights, 0.0) * plain.grad)
+    constant = loss_fn(logp, old_logp, advantages, mask, weights=torch.full_like(logp, 0.25))
+    torch.testing.assert_close(constant.loss, 0.25 * loss_fn(logp, old_logp, advantages, mask).loss)
+
+
+def test_user_loss_written_against_the_old_contract_takes_weights():
+    loss_fn = UnstatedWeightLoss()
+    logp, old_logp, advantages, mask = random_batch()
+    weights = torch.zeros_like(logp)
+    weights[0, 0] = 3.0
+    logp.requires_grad_(True)
+    loss_fn(logp, old_logp, advantages, mask, weights=weights).loss.backward()
+    expected = torch.zeros_like(logp)
+    expected[0, 0] = -3.0 * advantages[0] / mask.sum()
+    torch.testing.assert_close(logp.grad, expected)
+    with pytest.raises(ValueError, match=r"weights must have the shape \(B, T\) = \(6, 9\)"):
+        loss_fn(logp, old_logp, advantages, mask, weights=torch.ones(6))

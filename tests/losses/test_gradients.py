@@ -21,6 +21,8 @@ def autograd_weight_times_prob(loss_fn, logp, old_logp, advantages):
 def test_loss_gradient_equals_analytic_weight_in_every_region(loss_case):
     loss_fn = make_loss(loss_case)
     logp, old_logp, advantages = region_batch(per_region=16)
+    if loss_fn.sequence_level:  # one-token responses: each token's own ratio is its sequence's
+        logp, old_logp, advantages = logp.T, old_logp.T, advantages.T
     measured, _ = autograd_weight_times_prob(loss_fn, logp, old_logp, advantages)
     ratio = torch.exp(logp - old_logp)
     expected = advantages * loss_fn.prob_weight(ratio, old_logp.exp(), advantages) * logp.exp()
@@ -42,7 +44,8 @@ def test_loss_output_reports_per_token_weight_and_ratio(loss_case):
         out.prob_weight, loss_fn.prob_weight(out.ratio, old_logp.exp(), advantages))
 
 
-@pytest.mark.parametrize("name", ["pg", "grpo", "cispo", "gppo", "ce_gppo", "aspo", "dgpo"])
+@pytest.mark.parametrize("name", ["pg", "grpo", "cispo", "gppo", "ce_gppo", "aspo", "dgpo", "sapo",
+                                  "gspo", "gmpo"])
 def test_loss_on_policy_equals_policy_gradient(name):
     """With π = π_old (one optimiser step per rollout) every method's gradient is PG's: −A/N."""
     loss_fn = build_loss(name)
