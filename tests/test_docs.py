@@ -1,0 +1,73 @@
+"""The documentation site builds in strict mode, and the README stays a short front door."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _build(config: Path, site: Path) -> subprocess.CompletedProcess[str]:
+    """``mkdocs build --strict`` as ``make docs`` runs it, into ``site``."""
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config),
+         "--site-dir", str(site)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_docs_build_strict_without_warnings(tmp_path):
+    site = tmp_path / "site"
+    result = _build(ROOT / "mkdocs.yml", site)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "WARNING" not in output, output
+    # every page of the nav was written, and Figure 2 is the notebook's own file
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    pages = re.findall(r"[\w/-]+\.md", str(config["nav"]))
+    assert len(pages) >= 20
+    for page in pages:  # directory URLs: losses.md -> losses/index.html, api/index.md -> api/
+        folder = page.removesuffix(".md").removesuffix("index")
+        assert (site / folder / "index.html").is_file(), page
+    figure = site / "assets" / "figures" / "figure2.png"
+    assert figure.read_bytes() == (ROOT / "notebooks" / "figures" / "figure2.png").read_bytes()
+    # the API pages are generated from the docstrings: DGPOLoss's own summary line is there
+    from dgpo.losses import DGPOLoss
+
+    summary = DGPOLoss.__doc__.strip().splitlines()[0]
+    api = (site / "api" / "losses" / "index.html").read_text()
+    assert 'id="dgpo.losses.dgpo.DGPOLoss"' in api
+    assert summary.split("(")[0].strip() in api
+
+
+def test_docs_build_fails_on_broken_link(tmp_path):
+    docs = tmp_path / "docs"
+    shutil.copytree(ROOT / "docs", docs)  # follows the figures link: plain copies
+    with (docs / "index.md").open("a") as page:
+        page.write("\nSee [the missing page](no-such-page.md).\n")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    config["docs_dir"] = str(docs)
+    handler = config["plugins"][1]["mkdocstrings"]["handlers"]["python"]
+    handler["paths"] = [str(ROOT)]
+    (tmp_path / "mkdocs.yml").write_text(yaml.safe_dump(config))
+    result = _build(tmp_path / "mkdocs.yml", tmp_path / "site")
+    assert result.returncode != 0
+    assert "no-such-page.md" in result.stdout + result.stderr
+
+
+def test_readme_short_and_links_resolve():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    assert text.startswith("# dgpo\n\n```bash\nmake quickstart")
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    local = [link for link in links if "://" not in link]
+    assert local, "the README links to the docs pages"
+    for link in local:
+        assert (ROOT / link).exists(), link
