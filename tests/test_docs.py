@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -71,3 +72,15 @@ def test_readme_short_and_links_resolve():
     assert local, "the README links to the docs pages"
     for link in local:
         assert (ROOT / link).exists(), link
+
+
+def test_docstring_conventions_rewrite_example_titles_and_roles():
+    spec = importlib.util.spec_from_file_location("griffe_extensions",
+                                                  ROOT / "docs" / "griffe_extensions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    text = ("Uses :class:`~dgpo.losses.PolicyLoss` and :func:`dgpo.losses.build_loss`.\n\n"
+            "    Example:\n        >>> 1\n    Examples: not a title\n")
+    assert module.normalise(text) == (
+        "Uses `PolicyLoss` and `dgpo.losses.build_loss`.\n\n"
+        "    Examples:\n        >>> 1\n    Examples: not a title\n")

@@ -11,7 +11,7 @@ Two presets, the same for every method except the loss:
   mini-batches of 16, two passes (8 optimiser steps per rollout), lr 2e-5, 3 rollouts. 21–24
   minutes per run measured on a busy shared 2-core CPU; less on an idle one.
 
-Examples:
+Example:
     >>> runs = train_runs(["grpo", "gppo", "dgpo"], preset="tiny", root="runs/figures")
     ...     # doctest: +SKIP
 """

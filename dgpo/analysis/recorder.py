@@ -61,7 +61,7 @@ class GradientWeightRecorder(Callback):
         ValueError: for a bad setting, an unknown method, or (at ``setup``) a module without a
             :class:`~dgpo.losses.PolicyLoss` in ``loss_fn``.
 
-    Examples:
+    Example:
         >>> recorder = GradientWeightRecorder(tokens_per_step=256, max_rows=50_000)
         >>> trainer = Trainer(callbacks=[rollout, recorder])  # doctest: +SKIP
     """

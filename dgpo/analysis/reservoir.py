@@ -24,7 +24,7 @@ class Reservoir:
     Raises:
         ValueError: for a capacity below 1, or a batch whose columns differ from the first's.
 
-    Examples:
+    Example:
         >>> reservoir = Reservoir(3, np.random.default_rng(0))
         >>> reservoir.add({"x": np.arange(10)})
         >>> len(reservoir), reservoir.seen

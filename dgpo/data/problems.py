@@ -112,7 +112,7 @@ def load_problems(
             file, a problem is not a string, or no row has both a problem and an answer.
         FileNotFoundError: If the file does not exist.
 
-    Examples:
+    Example:
         >>> rows = load_problems("data/gsm8k_train.jsonl")  # doctest: +SKIP
         >>> rows[0]["problem"], rows[0]["answer"]  # doctest: +SKIP
 

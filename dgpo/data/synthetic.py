@@ -83,7 +83,7 @@ def arithmetic_problems(
     Raises:
         ValueError: On an unknown operation or an out-of-range argument.
 
-    Examples:
+    Example:
         >>> arithmetic_problems(2, seed=0, max_operand=9)[1]
         {'id': 'arithmetic-0-1', 'problem': 'What is 5 + 9?', 'answer': '14'}
 
@@ -111,7 +111,7 @@ def arithmetic_problems(
 class ArithmeticTask:
     """Settings of the synthetic arithmetic task (the ``synthetic`` argument of the datamodule).
 
-    Examples:
+    Example:
         >>> ArithmeticTask(num_problems=3, operations=("+", "*")).problems()[0]["problem"]
         'What is 25 * 49?'
 

@@ -75,7 +75,7 @@ def format_prompt(
         ValueError: If the template is invalid, or the chat template is asked for and the
             tokenizer is missing or has none.
 
-    Examples:
+    Example:
         >>> format_prompt("What is 2 + 2?", None, "Q: {problem}\nA:", use_chat_template=False)
         'Q: What is 2 + 2?\nA:'
 

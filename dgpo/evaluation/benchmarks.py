@@ -6,7 +6,7 @@ network). :func:`load_benchmark` returns its rows; :func:`benchmark_prompts` for
 tokenises them like the training prompts; :func:`benchmark_dataloader` serves them in batches of
 :class:`BenchmarkBatch`, one data loader per benchmark.
 
-Examples:
+Example:
     >>> aime = Benchmark("aime24", path="data/eval/aime24.jsonl")  # doctest: +SKIP
     >>> math500 = Benchmark("math500", hf_id="HuggingFaceH4/MATH-500", split="test")
     >>> rows = load_benchmark(aime)  # doctest: +SKIP
@@ -42,7 +42,7 @@ class Benchmark:
         ValueError: If the name is not a plain identifier or is reserved, not exactly one of
             ``path`` and ``hf_id`` is given, or ``limit < 1``.
 
-    Examples:
+    Example:
         >>> Benchmark("math500", hf_id="HuggingFaceH4/MATH-500", split="test").source
         'hf://HuggingFaceH4/MATH-500 (split test)'
 

@@ -19,7 +19,7 @@ class EvalConfig:
     Raises:
         ValueError: If a field is out of range, or a Pass@k asks for more than ``k`` samples.
 
-    Examples:
+    Example:
         >>> EvalConfig(k=4, pass_k=[1, 4]).metric_names
         ['avg@4', 'pass@1', 'pass@4', 'maj@4']
 

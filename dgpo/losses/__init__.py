@@ -40,7 +40,7 @@ def build_loss(name: str, **hparams: Any) -> PolicyLoss:
     Raises:
         ValueError: for an unknown name (the message lists the known ones).
 
-    Examples:
+    Example:
         >>> build_loss("dgpo", n=2, m=2)
         DGPOLoss(clip_low=0.2, clip_high=0.2, agg='token-mean', norm_length=None, n=2, m=2)
     """

@@ -26,7 +26,7 @@ class ASPOLoss(PolicyLoss):
         agg: loss aggregation.
         norm_length: Dr. GRPO normaliser length for ``agg="seq-mean-token-sum-norm"``.
 
-    Examples:
+    Example:
         >>> loss_fn = ASPOLoss(clip_ratio_c=3.0)
     """
 

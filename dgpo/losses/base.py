@@ -144,7 +144,7 @@ class PolicyLoss(ABC):
     Raises:
         ValueError: when a hyper-parameter is outside its range.
 
-    Examples:
+    Example:
         >>> loss_fn = DGPOLoss(n=2, m=2)  # doctest: +SKIP
         >>> out = loss_fn(logp, old_logp, advantages, mask,
         ...               num_tokens=global_count)  # doctest: +SKIP

@@ -25,7 +25,7 @@ class CEGPPOLoss(GPPOLoss):
     Raises:
         ValueError: for a negative beta or any out-of-range shared hyper-parameter.
 
-    Examples:
+    Example:
         >>> loss_fn = CEGPPOLoss(beta1=0.75, beta2=1.0, clip_ratio_c=10.0)
     """
 

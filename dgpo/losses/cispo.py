@@ -23,7 +23,7 @@ class CISPOLoss(PolicyLoss):
         agg: loss aggregation.
         norm_length: Dr. GRPO normaliser length for ``agg="seq-mean-token-sum-norm"``.
 
-    Examples:
+    Example:
         >>> loss_fn = CISPOLoss(clip_low=None, clip_high=0.28)
     """
 

@@ -35,7 +35,7 @@ class DGPOLoss(PolicyLoss):
     Raises:
         ValueError: when n or m is below 1 or a shared hyper-parameter is out of range.
 
-    Examples:
+    Example:
         >>> loss_fn = DGPOLoss(n=2, m=2)
     """
 

@@ -35,7 +35,7 @@ class GPPOLoss(PolicyLoss):
         agg: loss aggregation.
         norm_length: Dr. GRPO normaliser length for ``agg="seq-mean-token-sum-norm"``.
 
-    Examples:
+    Example:
         >>> loss_fn = GPPOLoss(clip_ratio_c=10.0)
     """
 

@@ -36,7 +36,7 @@ class GRPOLoss(PolicyLoss):
         agg: loss aggregation (see :func:`dgpo.losses.base.aggregate`).
         norm_length: Dr. GRPO normaliser length for ``agg="seq-mean-token-sum-norm"``.
 
-    Examples:
+    Example:
         >>> loss_fn = GRPOLoss(clip_high=0.28, clip_ratio_c=10.0)
     """
 

@@ -12,7 +12,7 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     Non-negative, and unbiased for the KL when the tokens are sampled from π. The log-ratio is
     clamped to [−20, 20] so that a token the reference model finds impossible cannot overflow.
 
-    Examples:
+    Example:
         >>> float(k3_kl(torch.tensor([0.0]), torch.tensor([0.0])))
         0.0
     """

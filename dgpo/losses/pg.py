@@ -13,7 +13,7 @@ class PGLoss(PolicyLoss):
     Its weight on ``∇π`` is the constant ``W = 1/π_old`` (``g = r`` on ``∇ log π``). ``clip_low``
     and ``clip_high`` only define the regions reported in the metrics.
 
-    Examples:
+    Example:
         >>> loss_fn = PGLoss()
     """
 

@@ -23,7 +23,7 @@ class RewardFunction(Protocol):
     ``__call__`` takes ``completions``, ``answers`` and ``**columns`` is accepted whatever its
     annotations (or none).
 
-    Examples:
+    Example:
         >>> class LengthPenalty:
         ...     def __call__(self, completions, answers, **columns):
         ...         return [-len(c) / 1000 for c in completions]
@@ -56,7 +56,7 @@ class Reward:
     call; the defaults here are empty. A reward that holds resources (processes, servers)
     releases them in :meth:`close`; ``with reward: ...`` closes it on exit.
 
-    Examples:
+    Example:
         >>> class ExactMatch(Reward):
         ...     def score(self, completions, answers, **columns):
         ...         return [float(c.strip() == a) for c, a in zip(completions, answers)]

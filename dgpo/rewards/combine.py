@@ -28,7 +28,7 @@ class WeightedSumReward(Reward):
         ValueError: If ``rewards`` is empty or holds something not callable, or ``weights`` does
             not have one finite number per reward.
 
-    Examples:
+    Example:
         >>> class Const:
         ...     def __init__(self, value):
         ...         self.value = value

@@ -23,7 +23,7 @@ def extract_boxed(text: str) -> str | None:
         The content of the last boxed answer, stripped of surrounding whitespace, or ``None``
         when there is no boxed answer or the last one is not closed (a truncated completion).
 
-    Examples:
+    Example:
         >>> extract_boxed(r"so $x = \boxed{\frac{1}{2}}$.")
         '\\frac{1}{2}'
         >>> extract_boxed("no answer") is None
@@ -67,7 +67,7 @@ def extract_last_number(text: str) -> str | None:
     Returns:
         The number as a string (e.g. ``"-1234.5"`` for ``"... is -1,234.5."``), or ``None``.
 
-    Examples:
+    Example:
         >>> extract_last_number("3 apples and 1,250 pears.")
         '1250'
 

@@ -104,7 +104,7 @@ class MathVerifyReward(Reward):
         ValueError: If ``timeout_s <= 0``, ``num_workers < 1``, ``extraction`` is not one of
             ``"boxed"``/``"lenient"``, or a reward value is not a finite number.
 
-    Examples:
+    Example:
         >>> reward = MathVerifyReward(timeout_s=5.0, num_workers=1)
         >>> reward([r"So the answer is $\boxed{\frac{1}{2}}$.", "I think 0.5"], ["0.5", "0.5"])
         [1.0, 0.0]

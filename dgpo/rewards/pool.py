@@ -153,7 +153,7 @@ class ScoringPool:
         ValueError: If ``num_workers < 1``, a timeout is not positive, or ``fn`` or
             ``initializer`` cannot be pickled (a lambda or a local function).
 
-    Examples:
+    Example:
         >>> pool = ScoringPool(abs, num_workers=1, timeout_s=1.0)
         >>> pool.map([(-1,), (2,)])
         [1, 2]

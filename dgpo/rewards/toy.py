@@ -15,7 +15,7 @@ class DigitFractionReward(Reward):
     group-relative advantages are non-zero and the policy moves: enough for smoke runs, tests and
     the CPU-sized figure notebooks on ``builtin:tiny-qwen2``. It ignores the gold answers.
 
-    Examples:
+    Example:
         >>> DigitFractionReward()(["12ab", "none"], ["3", "3"])
         [0.5, 0.0]
     """

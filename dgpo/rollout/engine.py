@@ -31,7 +31,7 @@ class SamplingConfig:
     Raises:
         ValueError: if a field is outside its allowed range.
 
-    Examples:
+    Example:
         >>> SamplingConfig(n=4, temperature=0.7, max_new_tokens=64, seed=1).sample_seed(2, 3)
         12
 

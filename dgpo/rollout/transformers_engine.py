@@ -46,7 +46,7 @@ class TransformersEngine(RolloutEngine):
     Raises:
         ValueError: if an argument is invalid.
 
-    Examples:
+    Example:
         >>> engine = TransformersEngine(model_path="builtin:tiny-qwen2")  # doctest: +SKIP
         >>> completions = engine.generate([[1, 2, 3]], SamplingConfig(n=2, max_new_tokens=8))
 

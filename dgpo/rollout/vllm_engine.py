@@ -69,7 +69,7 @@ class VLLMEngine(RolloutEngine):
     Raises:
         ValueError: if an argument is outside its allowed values.
 
-    Examples:
+    Example:
         >>> engine = VLLMEngine("builtin:tiny-qwen2")  # doctest: +SKIP
         >>> completions = engine.generate([[1, 2, 3]], SamplingConfig(n=2, max_new_tokens=8))
         >>> engine.close()
