@@ -7,7 +7,7 @@ EXTRAS ?= cpu,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install quickstart test lint clean
+.PHONY: install quickstart test docs lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,13 @@ quickstart: install
 test: install
 	$(PY) -m pytest
 
+# The documentation site, in strict mode (a broken link or reference fails), into site/.
+# NO_MKDOCS_2_WARNING: Material's banner about MkDocs 2.0 is not about this site.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 lint: install
 	$(VENV)/bin/ruff check dgpo tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site
