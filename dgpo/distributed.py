@@ -18,22 +18,18 @@ Every function is a no-op (or the plain single-process computation) on one rank.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 from torch.nn import Module
 
+from dgpo.rewards.base import REDUCTIONS, Reduction, RewardOutput
+
 T = TypeVar("T")
 
 #: Module-name parts that wrappers insert and Hugging Face names do not have.
 WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-#: How a reward metric combines across ranks (see :func:`reduce_reward_metrics`).
-Reduction = Literal["mean", "sum", "max", "min"]
-#: The reductions, in the order error messages list them.
-REDUCTIONS: tuple[Reduction, ...] = ("mean", "sum", "max", "min")
-#: The reduction of a reward metric that does not declare one: the sample-weighted mean.
-DEFAULT_REDUCTION: Reduction = "mean"
 
 
 def shard_bounds(total: int, parts: int, index: int, what: str = "items") -> tuple[int, int]:
@@ -69,8 +65,8 @@ def reduce_reward_metrics(
     """Combine each rank's reward metrics into global ones, each by its declared reduction.
 
     The reductions are the ones a reward declares in its
-    :class:`~dgpo.rewards.RewardOutput` (which fills in :data:`DEFAULT_REDUCTION`, ``"mean"``,
-    for a metric it leaves out):
+    :class:`~dgpo.rewards.RewardOutput` (which fills in
+    :data:`~dgpo.rewards.base.DEFAULT_REDUCTION`, ``"mean"``, for a metric it leaves out):
 
     - ``"mean"``: the sample-weighted mean ``Σ value·count / Σ count``, i.e. the value one rank
       would have computed on all the samples (when every count is 0, the plain mean);
@@ -90,7 +86,8 @@ def reduce_reward_metrics(
 
     Raises:
         ValueError: If a metric has no reduction, a reduction is not one of
-            :data:`REDUCTIONS`, or two ranks declare different reductions for one metric.
+            :data:`~dgpo.rewards.base.REDUCTIONS`, or two ranks declare different reductions for
+            one metric.
 
     Example:
         >>> reduce_reward_metrics([({"accuracy": 0.5, "timeouts": 1.0}, {"accuracy": "mean",
@@ -115,6 +112,34 @@ def reduce_reward_metrics(
                                  f"{declared[name]!r} on another; a metric has one reduction")
             values.setdefault(name, []).append((float(value), count))
     return {name: _reduce(declared[name], pairs) for name, pairs in values.items()}
+
+
+def concat_reward_outputs(parts: Sequence[RewardOutput]) -> RewardOutput:
+    """One reward output for the samples of several (each engine's part of a rollout, in order).
+
+    Scores are concatenated; details and correctness too when every part has them for all its
+    samples (else they are dropped); metrics are combined by their declared reductions (see
+    :func:`reduce_reward_metrics`, each part weighted by its number of samples).
+
+    Example:
+        >>> a = RewardOutput([1.0], metrics={"n": 1.0, "acc": 1.0}, reductions={"n": "sum"})
+        >>> b = RewardOutput([0.0, 0.0, 1.0], metrics={"n": 3.0, "acc": 1 / 3},
+        ...                  reductions={"n": "sum"})
+        >>> concat_reward_outputs([a, b]).metrics
+        {'n': 4.0, 'acc': 0.5}
+    """
+    full_details = all(len(p.details) == len(p.scores) for p in parts)
+    full_correct = all(p.correct is not None for p in parts)
+    reductions: dict[str, Reduction] = {}
+    for part in parts:
+        reductions.update(part.reductions)
+    return RewardOutput(
+        scores=[s for p in parts for s in p.scores],
+        details=[d for p in parts for d in p.details] if full_details else [],
+        metrics=reduce_reward_metrics([(p.metrics, p.reductions, len(p.scores)) for p in parts]),
+        reductions=reductions,
+        correct=[c for p in parts for c in p.correct or []] if full_correct else None,
+    )
 
 
 def _reduce(how: Reduction, pairs: list[tuple[float, int]]) -> float:

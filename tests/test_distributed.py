@@ -8,10 +8,12 @@ from dgpo.distributed import (
     all_gather_objects,
     call_through,
     clean_name,
+    concat_reward_outputs,
     full_weights,
     reduce_reward_metrics,
     shard_bounds,
 )
+from dgpo.rewards import RewardOutput
 from dgpo.rollout import RolloutCallback, TransformersEngine, VLLMEngine
 from dgpo.rollout.buffer import MiniBatchSampler, RolloutBuffer, RolloutSample
 from dgpo.rollout.vllm_engine import _by_layer, _with_tied_head
@@ -58,6 +60,22 @@ def test_reduce_reward_metrics_one_rank_is_identity_and_missing_metrics_are_abse
 def test_reduce_reward_metrics_bad_reductions_raise(per_rank, message):
     with pytest.raises(ValueError, match=message):
         reduce_reward_metrics(per_rank)
+
+
+def test_concat_reward_outputs_joins_samples_and_reduces_metrics() -> None:
+    first = RewardOutput([1.0], [{"s": "a"}], {"acc": 1.0, "n": 1.0, "worst": 3.0},
+                         {"n": "sum", "worst": "max"}, [True])
+    second = RewardOutput([0.0, 0.0, 1.0], [{"s": "b"}, {"s": "c"}, {"s": "d"}],
+                          {"acc": 1 / 3, "n": 3.0, "worst": 7.0}, {"n": "sum", "worst": "max"},
+                          [False, False, True])
+    whole = concat_reward_outputs([first, second])
+    assert whole.scores == [1.0, 0.0, 0.0, 1.0]
+    assert [d["s"] for d in whole.details] == ["a", "b", "c", "d"]
+    assert whole.correct == [True, False, False, True]
+    # accuracy over the 4 samples, as one rank would compute it: 2 / 4
+    assert whole.metrics == pytest.approx({"acc": 0.5, "n": 4.0, "worst": 7.0})
+    partial = concat_reward_outputs([first, RewardOutput([0.0])])  # a part without details
+    assert partial.details == [] and partial.correct is None
 
 
 def test_token_means_reduce_sums_and_counts_not_means():

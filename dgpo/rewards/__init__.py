@@ -1,7 +1,10 @@
 """Rewards for RL with verifiable rewards: the contract, math-verify, and combinations."""
 
 from dgpo.rewards.base import (
+    DEFAULT_REDUCTION,
     DEFAULT_REWARD_TIMEOUT_S,
+    REDUCTIONS,
+    Reduction,
     Reward,
     RewardFunction,
     RewardOutput,
@@ -15,8 +18,11 @@ from dgpo.rewards.extract import extract_boxed, extract_last_number
 from dgpo.rewards.math_verify import MathVerifyReward
 
 __all__ = [
+    "DEFAULT_REDUCTION",
     "DEFAULT_REWARD_TIMEOUT_S",
+    "REDUCTIONS",
     "MathVerifyReward",
+    "Reduction",
     "Reward",
     "RewardFunction",
     "RewardOutput",

@@ -4,18 +4,17 @@ A reward is any callable ``(completions, answers, **columns)`` that returns eith
 :class:`RewardOutput` or a plain list of one number per completion. The training loop and the
 evaluator call it through :func:`call_reward`, which checks the output right after the call and
 bounds the call's time.
+
+This module does not import torch at import time: the math-verify scoring workers import the
+``dgpo.rewards`` package and stay small.
 """
 
 import math
 import numbers
 import threading
-from collections.abc import Mapping, Sequence, Sized
+from collections.abc import Mapping, Sized
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
-
-import torch
-
-from dgpo.distributed import DEFAULT_REDUCTION, REDUCTIONS, Reduction, reduce_reward_metrics
 
 #: What happened to one sample: its answer matched, did not match, could not be read, took too
 #: long, or took the scoring worker down with it.
@@ -23,6 +22,13 @@ SampleStatus = Literal["correct", "wrong", "unparsed", "timeout", "crashed"]
 #: Seconds :func:`call_reward` allows a reward call by default: far more than a healthy reward of
 #: a rollout batch needs, so that only a blocked reward (a verifier that never answers) hits it.
 DEFAULT_REWARD_TIMEOUT_S = 600.0
+#: How a reward metric combines across ranks (see :func:`dgpo.distributed.reduce_reward_metrics`).
+Reduction = Literal["mean", "sum", "max", "min"]
+#: The reductions, in the order error messages list them.
+REDUCTIONS: tuple[Reduction, ...] = ("mean", "sum", "max", "min")
+#: The reduction of a metric that does not declare one: the mean weighted by sample counts, which
+#: is right for the usual per-sample averages (accuracy, F1, ...); counts must declare ``"sum"``.
+DEFAULT_REDUCTION: Reduction = "mean"
 
 
 @dataclass
@@ -36,8 +42,8 @@ class RewardOutput:
         metrics: Numbers about the batch, logged as ``rollout/reward/<name>``.
         reductions: How each metric combines across ranks: ``"mean"`` (weighted by each
             rank's number of samples), ``"sum"`` (counts), ``"max"`` or ``"min"``. A metric left
-            out gets :data:`~dgpo.distributed.DEFAULT_REDUCTION` (``"mean"``), filled in here, so
-            after construction ``reductions`` names every metric.
+            out gets :data:`DEFAULT_REDUCTION` (``"mean"``), filled in here, so after
+            construction ``reductions`` names every metric.
         correct: Per-sample correctness (``N`` bools), or None when the reward has no notion of
             it (the training loop then counts a score > 0 as correct).
 
@@ -64,35 +70,6 @@ class RewardOutput:
                 raise ValueError(f"reduction {how!r} of metric {name!r} is not one of "
                                  f"{list(REDUCTIONS)}")
         self.reductions = {**dict.fromkeys(self.metrics, DEFAULT_REDUCTION), **self.reductions}
-
-    @classmethod
-    def concat(cls, parts: Sequence["RewardOutput"]) -> "RewardOutput":
-        """One output for the samples of several (each rank's part of a rollout, in order).
-
-        Scores are concatenated; details and correctness too when every part has them for all
-        its samples (else they are dropped); metrics are combined by their reductions (see
-        :func:`~dgpo.distributed.reduce_reward_metrics`).
-
-        Example:
-            >>> a = RewardOutput([1.0], metrics={"n": 1.0}, reductions={"n": "sum"})
-            >>> b = RewardOutput([0.0, 0.0], metrics={"n": 2.0}, reductions={"n": "sum"})
-            >>> RewardOutput.concat([a, b]).metrics
-            {'n': 3.0}
-
-        """
-        full_details = all(len(p.details) == len(p.scores) for p in parts)
-        full_correct = all(p.correct is not None for p in parts)
-        reductions: dict[str, Reduction] = {}
-        for part in parts:
-            reductions.update(part.reductions)
-        return cls(
-            scores=[s for p in parts for s in p.scores],
-            details=[d for p in parts for d in p.details] if full_details else [],
-            metrics=reduce_reward_metrics([(p.metrics, p.reductions, len(p.scores))
-                                           for p in parts]),
-            reductions=reductions,
-            correct=[c for p in parts for c in p.correct or []] if full_correct else None,
-        )
 
 
 @runtime_checkable
@@ -255,6 +232,8 @@ def call_reward(reward: RewardFunction, completions: list[str], answers: list[st
 
 def _call_with_timeout(fn: Any, timeout_s: float, name: str, size: int) -> Any:
     """Run ``fn()`` in a daemon thread; its result, its exception, or a RuntimeError."""
+    import torch  # here, not at the top: the scoring workers import this module and stay light
+
     outcome: dict[str, Any] = {}
     device = torch.cuda.current_device() if torch.cuda.is_initialized() else None
     grad_enabled = torch.is_grad_enabled()

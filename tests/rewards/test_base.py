@@ -128,22 +128,6 @@ def test_reward_output_metric_without_reduction_is_a_mean() -> None:
         RewardOutput([1.0], metrics={"f1": 0.5}, reductions={"f1": "avg"})
 
 
-def test_reward_output_concat_joins_samples_and_reduces_metrics() -> None:
-    first = RewardOutput([1.0], [{"s": "a"}], {"acc": 1.0, "n": 1.0, "worst": 3.0},
-                         {"n": "sum", "worst": "max"}, [True])
-    second = RewardOutput([0.0, 0.0, 1.0], [{"s": "b"}, {"s": "c"}, {"s": "d"}],
-                          {"acc": 1 / 3, "n": 3.0, "worst": 7.0}, {"n": "sum", "worst": "max"},
-                          [False, False, True])
-    whole = RewardOutput.concat([first, second])
-    assert whole.scores == [1.0, 0.0, 0.0, 1.0]
-    assert [d["s"] for d in whole.details] == ["a", "b", "c", "d"]
-    assert whole.correct == [True, False, False, True]
-    # accuracy over the 4 samples, as one rank would compute it: 2 / 4
-    assert whole.metrics == pytest.approx({"acc": 0.5, "n": 4.0, "worst": 7.0})
-    partial = RewardOutput.concat([first, RewardOutput([0.0])])  # a part without details
-    assert partial.details == [] and partial.correct is None
-
-
 def test_call_reward_plain_list_becomes_output() -> None:
     output = call_reward(PlainReward(), ["1", "2"], ["1", "1"], {"problem": ["p", "q"]})
     assert output == RewardOutput(scores=[1.0, 0.0])
