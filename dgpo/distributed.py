@@ -2,8 +2,8 @@
 
 - which prompts a rank generates for (:func:`shard_bounds`), and gathering every rank's rollout
   (:func:`all_gather_objects`);
-- metrics reduced from per-rank (sum, count) pairs, never averages of averages
-  (:func:`reduce_reward_metrics`);
+- reward metrics combined across ranks by the reduction each one declares, means weighted by
+  sample counts, never averages of averages (:func:`reduce_reward_metrics`);
 - the policy's full weights, gathered one shard unit (FSDP1) or one parameter (FSDP2) at a time,
   so the whole model never exists twice in memory (:func:`full_weights`), and the reverse at
   start-up: rank 0's weights streamed into a model that the other ranks built empty
@@ -17,19 +17,19 @@ Every function is a no-op (or the plain single-process computation) on one rank.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 from torch.nn import Module
 
+from dgpo.rewards.base import REDUCTIONS, Reduction, RewardOutput
+
 T = TypeVar("T")
 
 #: Module-name parts that wrappers insert and Hugging Face names do not have.
 WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-#: Reward metrics whose name ends like this are means over samples; the others are counts.
-MEAN_SUFFIXES = ("accuracy", "fraction", "mean", "rate")
 
 
 def shard_bounds(total: int, parts: int, index: int, what: str = "items") -> tuple[int, int]:
@@ -59,28 +59,101 @@ def all_gather_objects(obj: T, world_size: int) -> list[T]:
     return gathered
 
 
-def reduce_reward_metrics(per_rank: Sequence[tuple[dict[str, float], int]]) -> dict[str, float]:
-    """Combine each rank's reward metrics (and its sample count) into global ones.
+def reduce_reward_metrics(
+    per_rank: Sequence[tuple[Mapping[str, float], Mapping[str, Reduction], int]],
+) -> dict[str, float]:
+    """Combine each rank's reward metrics into global ones, each by its declared reduction.
 
-    A metric whose name ends in ``accuracy``, ``fraction``, ``mean`` or ``rate`` is a mean over
-    the rank's samples and is combined as ``Σ value·count / Σ count``; any other metric is a
-    count (``samples``, ``timeouts``, ...) and is summed. A metric missing on some rank counts
-    as absent there.
+    The reductions are the ones a reward declares in its
+    :class:`~dgpo.rewards.RewardOutput` (which fills in
+    :data:`~dgpo.rewards.base.DEFAULT_REDUCTION`, ``"mean"``, for a metric it leaves out):
+
+    - ``"mean"``: the sample-weighted mean ``Σ value·count / Σ count``, i.e. the value one rank
+      would have computed on all the samples (when every count is 0, the plain mean);
+    - ``"sum"``: ``Σ value`` (counts: ``samples``, ``timeouts``, ...);
+    - ``"max"`` / ``"min"``: the largest / smallest value.
+
+    A metric missing on some rank counts as absent there. On one rank the result is that rank's
+    metrics.
+
+    Args:
+        per_rank: One ``(metrics, reductions, count)`` per rank: the rank's metric values, how
+            each one combines across ranks, and the number of samples they describe (the
+            weight of a ``"mean"``).
+
+    Returns:
+        The global value of every metric that some rank reports.
+
+    Raises:
+        ValueError: If a metric has no reduction, a reduction is not one of
+            :data:`~dgpo.rewards.base.REDUCTIONS`, or two ranks declare different reductions for
+            one metric.
 
     Example:
-        >>> reduce_reward_metrics([({"accuracy": 0.5, "timeouts": 1.0}, 4),
-        ...                        ({"accuracy": 0.0, "timeouts": 2.0}, 12)])
+        >>> reduce_reward_metrics([({"accuracy": 0.5, "timeouts": 1.0}, {"accuracy": "mean",
+        ...                          "timeouts": "sum"}, 4),
+        ...                        ({"accuracy": 0.0, "timeouts": 2.0}, {"accuracy": "mean",
+        ...                          "timeouts": "sum"}, 12)])
         {'accuracy': 0.125, 'timeouts': 3.0}
     """
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for metrics, count in per_rank:
+    values: dict[str, list[tuple[float, int]]] = {}
+    declared: dict[str, Reduction] = {}
+    for metrics, reductions, count in per_rank:
         for name, value in metrics.items():
-            mean = name.endswith(MEAN_SUFFIXES)
-            sums[name] = sums.get(name, 0.0) + float(value) * (count if mean else 1)
-            counts[name] = counts.get(name, 0) + count
-    return {name: (total / max(counts[name], 1) if name.endswith(MEAN_SUFFIXES) else total)
-            for name, total in sums.items()}
+            if name not in reductions:
+                raise ValueError(f"reward metric {name!r} has no declared reduction; declare one "
+                                 f"of {list(REDUCTIONS)} in RewardOutput.reductions")
+            how = reductions[name]
+            if how not in REDUCTIONS:
+                raise ValueError(f"reduction {how!r} of reward metric {name!r} is not one of "
+                                 f"{list(REDUCTIONS)}")
+            if declared.setdefault(name, how) != how:
+                raise ValueError(f"reward metric {name!r} is declared {how!r} on one rank and "
+                                 f"{declared[name]!r} on another; a metric has one reduction")
+            values.setdefault(name, []).append((float(value), count))
+    return {name: _reduce(declared[name], pairs) for name, pairs in values.items()}
+
+
+def concat_reward_outputs(parts: Sequence[RewardOutput]) -> RewardOutput:
+    """One reward output for the samples of several (each engine's part of a rollout, in order).
+
+    Scores are concatenated; details and correctness too when every part has them for all its
+    samples (else they are dropped); metrics are combined by their declared reductions (see
+    :func:`reduce_reward_metrics`, each part weighted by its number of samples).
+
+    Example:
+        >>> a = RewardOutput([1.0], metrics={"n": 1.0, "acc": 1.0}, reductions={"n": "sum"})
+        >>> b = RewardOutput([0.0, 0.0, 1.0], metrics={"n": 3.0, "acc": 1 / 3},
+        ...                  reductions={"n": "sum"})
+        >>> concat_reward_outputs([a, b]).metrics
+        {'n': 4.0, 'acc': 0.5}
+    """
+    full_details = all(len(p.details) == len(p.scores) for p in parts)
+    full_correct = all(p.correct is not None for p in parts)
+    reductions: dict[str, Reduction] = {}
+    for part in parts:
+        reductions.update(part.reductions)
+    return RewardOutput(
+        scores=[s for p in parts for s in p.scores],
+        details=[d for p in parts for d in p.details] if full_details else [],
+        metrics=reduce_reward_metrics([(p.metrics, p.reductions, len(p.scores)) for p in parts]),
+        reductions=reductions,
+        correct=[c for p in parts for c in p.correct or []] if full_correct else None,
+    )
+
+
+def _reduce(how: Reduction, pairs: list[tuple[float, int]]) -> float:
+    """One metric's global value from its ``(value, sample count)`` on each rank."""
+    if how == "sum":
+        return sum(value for value, _ in pairs)
+    if how == "max":
+        return max(value for value, _ in pairs)
+    if how == "min":
+        return min(value for value, _ in pairs)
+    weight = sum(count for _, count in pairs)
+    if weight == 0:
+        return sum(value for value, _ in pairs) / len(pairs)
+    return sum(value * count for value, count in pairs) / weight
 
 
 class TokenMeans:

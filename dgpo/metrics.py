@@ -89,8 +89,8 @@ def answer_ids(answers: Sequence[Sequence[str | None]]) -> Tensor:
     Answers are compared as strings with whitespace removed; ``None`` (no answer) becomes -1.
 
     Args:
-        answers: ``P`` lists of ``n`` extracted answers (e.g. ``parsed_answer`` of
-            :meth:`~dgpo.rewards.MathVerifyReward.details`).
+        answers: ``P`` lists of ``n`` extracted answers (e.g. the ``parsed_answer`` of the
+            details of :class:`~dgpo.rewards.MathVerifyReward`'s output).
 
     Returns:
         ``(P, n)`` long tensor; equal ids in a row mean equal answers.

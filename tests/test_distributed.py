@@ -8,10 +8,12 @@ from dgpo.distributed import (
     all_gather_objects,
     call_through,
     clean_name,
+    concat_reward_outputs,
     full_weights,
     reduce_reward_metrics,
     shard_bounds,
 )
+from dgpo.rewards import RewardOutput
 from dgpo.rollout import RolloutCallback, TransformersEngine, VLLMEngine
 from dgpo.rollout.buffer import MiniBatchSampler, RolloutBuffer, RolloutSample
 from dgpo.rollout.vllm_engine import _by_layer, _with_tied_head
@@ -27,11 +29,53 @@ def test_all_gather_objects_on_one_rank_is_the_object():
     assert all_gather_objects({"a": 1}, world_size=1) == [{"a": 1}]
 
 
-def test_reduce_reward_metrics_weights_means_and_sums_counts():
-    per_rank = [({"accuracy": 0.5, "timeouts": 1.0, "x/reward_mean": 1.0}, 4),
-                ({"accuracy": 0.0, "timeouts": 2.0, "x/reward_mean": 0.0}, 12)]
+def test_reduce_reward_metrics_follows_declared_reductions():
+    # "f1" would have been summed by the old name-suffix rule; its declared "mean" wins
+    how = {"f1": "mean", "timeouts": "sum", "longest": "max", "shortest": "min"}
+    per_rank = [({"f1": 0.5, "timeouts": 1.0, "longest": 9.0, "shortest": 2.0}, how, 4),
+                ({"f1": 0.0, "timeouts": 2.0, "longest": 7.0, "shortest": 1.0}, how, 12)]
     merged = reduce_reward_metrics(per_rank)
-    assert merged == {"accuracy": 0.125, "timeouts": 3.0, "x/reward_mean": 0.25}
+    # f1: (0.5·4 + 0·12) / 16 = 2 / 16, the value one rank would compute on all 16 samples
+    assert merged == {"f1": 0.125, "timeouts": 3.0, "longest": 9.0, "shortest": 1.0}
+
+
+def test_reduce_reward_metrics_one_rank_is_identity_and_missing_metrics_are_absent():
+    how = {"f1": "mean", "n": "sum"}
+    assert reduce_reward_metrics([({"f1": 0.3, "n": 5.0}, how, 5)]) == {"f1": 0.3, "n": 5.0}
+    merged = reduce_reward_metrics([({"f1": 0.3}, how, 5), ({"f1": 0.6, "n": 1.0}, how, 10)])
+    assert merged == pytest.approx({"f1": (0.3 * 5 + 0.6 * 10) / 15, "n": 1.0})
+    assert reduce_reward_metrics([({"f1": 0.2}, how, 0), ({"f1": 0.4}, how, 0)]) == {
+        "f1": pytest.approx(0.3)}
+
+
+@pytest.mark.parametrize(
+    ("per_rank", "message"),
+    [
+        ([({"f1": 1.0}, {}, 1)], r"reward metric 'f1' has no declared reduction"),
+        ([({"f1": 1.0}, {"f1": "avg"}, 1)], r"reduction 'avg' of reward metric 'f1' is not one"),
+        ([({"f1": 1.0}, {"f1": "mean"}, 1), ({"f1": 1.0}, {"f1": "sum"}, 1)],
+         r"reward metric 'f1' is declared 'sum' on one rank and 'mean' on another"),
+    ],
+)
+def test_reduce_reward_metrics_bad_reductions_raise(per_rank, message):
+    with pytest.raises(ValueError, match=message):
+        reduce_reward_metrics(per_rank)
+
+
+def test_concat_reward_outputs_joins_samples_and_reduces_metrics() -> None:
+    first = RewardOutput([1.0], [{"s": "a"}], {"acc": 1.0, "n": 1.0, "worst": 3.0},
+                         {"n": "sum", "worst": "max"}, [True])
+    second = RewardOutput([0.0, 0.0, 1.0], [{"s": "b"}, {"s": "c"}, {"s": "d"}],
+                          {"acc": 1 / 3, "n": 3.0, "worst": 7.0}, {"n": "sum", "worst": "max"},
+                          [False, False, True])
+    whole = concat_reward_outputs([first, second])
+    assert whole.scores == [1.0, 0.0, 0.0, 1.0]
+    assert [d["s"] for d in whole.details] == ["a", "b", "c", "d"]
+    assert whole.correct == [True, False, False, True]
+    # accuracy over the 4 samples, as one rank would compute it: 2 / 4
+    assert whole.metrics == pytest.approx({"acc": 0.5, "n": 4.0, "worst": 7.0})
+    partial = concat_reward_outputs([first, RewardOutput([0.0])])  # a part without details
+    assert partial.details == [] and partial.correct is None
 
 
 def test_token_means_reduce_sums_and_counts_not_means():

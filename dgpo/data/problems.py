@@ -1,10 +1,15 @@
 """Load (problem, answer) rows for RL training from JSON Lines, JSON or Parquet files."""
 
+import decimal
 import json
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
 
+import pyarrow
+import pyarrow.parquet as pq
 from lightning.pytorch.utilities import rank_zero_warn
 
 SUPPORTED_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -20,10 +25,14 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]]:
         One dict per row.
 
     Raises:
-        ValueError: If a line is not valid JSON or a row is not a JSON object.
+        ValueError: If the file is not UTF-8 text, a line is not valid JSON or a row is not a
+            JSON object.
 
     """
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); problem files are JSON") from err
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -58,14 +67,15 @@ def _read_parquet(path: Path, fields: tuple[str, str]) -> list[dict[str, Any]]:
         One dict per row.
 
     Raises:
-        ValueError: If a field is not a column of the file.
+        ValueError: If the file is not Parquet (or is damaged), or a field is not a column of it.
 
     """
-    import pyarrow.parquet as pq
-
-    columns = pq.read_schema(path).names
-    _check_fields(path, fields, columns)
-    return pq.read_table(path).to_pylist()
+    try:
+        columns = pq.read_schema(path).names
+        _check_fields(path, fields, columns)
+        return pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, OSError) as err:
+        raise ValueError(f"{path} is not a readable Parquet file: {err}") from err
 
 
 def _check_fields(path: Path, fields: tuple[str, str], available: list[str]) -> None:
@@ -101,15 +111,18 @@ def load_problems(
         path: The file. ``.jsonl``: one JSON object a line; ``.json``: a JSON array of objects
             (or JSON lines); ``.parquet``: one row a problem.
         problem_field: The field holding the problem statement (a string).
-        answer_field: The field holding the final answer; numbers are converted to strings.
+        answer_field: The field holding the final answer: a string, or a number (converted to a
+            string); a missing answer (null, or NaN as pandas writes it) drops the row.
 
     Returns:
         One dict per kept row: every column of the file, plus ``"problem"`` and ``"answer"`` (str,
         stripped) taken from ``problem_field`` and ``answer_field``.
 
     Raises:
-        ValueError: If the suffix is not supported, the file has no rows, a field is not in the
-            file, a problem is not a string, or no row has both a problem and an answer.
+        ValueError: If the suffix is not supported, the path is a directory, the file is not of
+            its suffix's format, the file has no rows, a field is not in the file, a problem is
+            not a string, an answer is neither a string nor a number (e.g. a list or a dict), or
+            no row has both a problem and an answer.
         FileNotFoundError: If the file does not exist.
 
     Example:
@@ -123,6 +136,9 @@ def load_problems(
             f"unsupported problem file {str(path)!r}: suffix {path.suffix!r} is not one of "
             f"{list(SUPPORTED_SUFFIXES)}"
         )
+    if path.is_dir():
+        raise ValueError(f"problem file {str(path)!r} is a directory; give a .jsonl, .json or "
+                         ".parquet file")
     if not path.is_file():
         raise FileNotFoundError(f"problem file not found: {str(path)!r}")
     fields = (problem_field, answer_field)
@@ -144,7 +160,7 @@ def load_problems(
                 f"got {type(problem).__name__}"
             )
         problem = (problem or "").strip()
-        answer = "" if answer is None else str(answer).strip()
+        answer = "" if _missing(answer) else _answer_text(answer, path, number, answer_field)
         if problem and answer:
             kept.append({**row, "problem": problem, "answer": answer})
     num_dropped = len(rows) - len(kept)
@@ -159,3 +175,25 @@ def load_problems(
             f"{problem_field!r} or {answer_field!r}"
         )
     return kept
+
+
+def _missing(answer: Any) -> bool:
+    """Whether an answer is absent: null, or NaN (how pandas stores a missing number)."""
+    return answer is None or (isinstance(answer, float) and math.isnan(answer))
+
+
+def _answer_text(answer: Any, path: Path, number: int, field: str) -> str:
+    """The answer as a stripped string; strings and numbers only.
+
+    Raises:
+        ValueError: Naming the file, the row and the value, for any other type (a list, a dict,
+            a bool): stringifying it would make an answer no completion can match.
+
+    """
+    if isinstance(answer, str):
+        return answer.strip()
+    if isinstance(answer, (numbers.Real, decimal.Decimal)) and not isinstance(answer, bool):
+        return str(answer).strip()
+    shown = repr(answer) if len(repr(answer)) <= 80 else repr(answer)[:80] + "..."
+    raise ValueError(f"{path}, row {number}: field {field!r} must be a string or a number, got "
+                     f"{type(answer).__name__} {shown}")

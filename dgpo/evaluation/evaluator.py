@@ -16,7 +16,7 @@ from dgpo.evaluation.benchmarks import ALTERNATIVES, BenchmarkBatch
 from dgpo.evaluation.config import EvalConfig
 from dgpo.evaluation.results import MEAN, results_record, write_results
 from dgpo.metrics import AvgAtK, MajAtK, PassAtK, answer_ids
-from dgpo.rewards import MathVerifyReward
+from dgpo.rewards import MathVerifyReward, call_reward
 from dgpo.rollout.engine import Completion, RolloutEngine, SamplingConfig
 
 if TYPE_CHECKING:
@@ -96,6 +96,8 @@ class Evaluator(torch.nn.Module):
         trainer = getattr(module, "trainer", None)
         world = 1 if trainer is None else trainer.world_size
         self._counts = world == 1 or trainer.global_rank % self._engine.ranks_per_engine(world) == 0
+        if self._counts:  # a broken scorer fails here, before any sampling
+            self.reward.start()
 
     def step(self, batch: BenchmarkBatch, batch_idx: int) -> list[Completion]:
         """Sample, score and count one batch of one benchmark's problems.
@@ -206,19 +208,21 @@ class Evaluator(torch.nn.Module):
             extracted answer of each response (None where there is none).
 
         """
-        self.reward(texts, [p.answer for p in prompts])
-        details = self.reward.details()
-        correct = [d["status"] == "correct" for d in details]
-        answers = [d["parsed_answer"] for d in details]
+        # math-verify bounds each sample's time itself (its workers are killed past
+        # reward_timeout_s), so the call needs no overall limit and runs in this thread
+        output = call_reward(self.reward, texts, [p.answer for p in prompts], timeout_s=None)
+        correct = list(output.correct or [])
+        answers = [d["parsed_answer"] for d in output.details]
         alternatives = [p.columns.get(ALTERNATIVES) or [] for p in prompts]
         for j in range(max((len(a) for a in alternatives), default=0)):
             rows = [i for i, a in enumerate(alternatives)
                     if not correct[i] and answers[i] is not None and len(a) > j]
             if rows:
-                self.reward([texts[i] for i in rows], [alternatives[i][j] for i in rows])
-                for i, detail in zip(rows, self.reward.details(), strict=True):
-                    correct[i] = detail["status"] == "correct"
-        return torch.tensor(correct), answers
+                retry = call_reward(self.reward, [texts[i] for i in rows],
+                                    [alternatives[i][j] for i in rows], timeout_s=None)
+                for i, ok in zip(rows, retry.correct or [], strict=True):
+                    correct[i] = ok
+        return torch.tensor(correct, dtype=torch.bool), answers
 
     def _write(self, module: LightningModule, scores: dict[str, dict[str, float]]) -> None:
         trainer = module.trainer

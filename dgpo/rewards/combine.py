@@ -4,7 +4,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from dgpo.rewards.base import Reward, RewardFunction
+from dgpo.rewards.base import (
+    Reward,
+    RewardFunction,
+    RewardOutput,
+    call_reward,
+    close_reward,
+    start_reward,
+)
 
 
 def _component_names(rewards: Sequence[RewardFunction]) -> list[str]:
@@ -16,9 +23,19 @@ def _component_names(rewards: Sequence[RewardFunction]) -> list[str]:
 class WeightedSumReward(Reward):
     """Scores each completion with several rewards and returns their weighted sum.
 
-    ``metrics()`` merges the sub-rewards' metrics under the prefix ``<name>/`` (the reward's
-    class name, with ``_<index>`` appended when two share a class) and adds
-    ``<name>/reward_mean``, the mean of that component over the last batch.
+    The output combines the sub-rewards' outputs:
+
+    - ``scores``: ``Σ weight · score`` per completion;
+    - ``metrics``: each sub-reward's metrics under the prefix ``<name>/`` (the reward's class
+      name, with ``_<index>`` appended when two share a class), with their declared
+      reductions, plus ``<name>/reward_mean`` (the mean of that component, reduced as a mean);
+    - ``details``: per sample, the entry of the first sub-reward that has details
+      (``parsed_answer``, ``status``, ...), with ``reward`` set to the weighted sum and
+      ``components`` mapping each sub-reward's name to its score;
+    - ``correct``: that of the first sub-reward that reports correctness (None if none does).
+
+    Each sub-reward's output is checked as :func:`~dgpo.rewards.call_reward` checks it (the
+    time limit applies to the whole weighted sum, not to each part).
 
     Args:
         rewards: The rewards to combine; any :class:`~dgpo.rewards.base.RewardFunction`.
@@ -34,7 +51,7 @@ class WeightedSumReward(Reward):
         ...         self.value = value
         ...     def __call__(self, completions, answers, **columns):
         ...         return [self.value] * len(completions)
-        >>> WeightedSumReward([Const(1.0), Const(2.0)], weights=[0.5, 0.25])(["a"], ["b"])
+        >>> WeightedSumReward([Const(1.0), Const(2.0)], weights=[0.5, 0.25])(["a"], ["b"]).scores
         [1.0]
 
     """
@@ -60,71 +77,40 @@ class WeightedSumReward(Reward):
         self.rewards = list(rewards)
         self.weights = [float(w) for w in weights]
         self.names = _component_names(self.rewards)
-        self._components: list[list[float]] = []
-        self._totals: list[float] = []
 
-    def score(self, completions: list[str], answers: list[str], **columns: Any) -> list[float]:
+    def score(self, completions: list[str], answers: list[str], **columns: Any) -> RewardOutput:
         """Weighted sum of the sub-rewards (see :class:`~dgpo.rewards.base.RewardFunction`).
 
         Raises:
-            ValueError: If a sub-reward does not return one value per completion.
+            ValueError: If a sub-reward's output breaks the contract (naming the sub-reward).
 
         """
-        components = []
-        for name, reward in zip(self.names, self.rewards, strict=True):
-            values = [float(v) for v in reward(completions, answers, **columns)]
-            if len(values) != len(completions):
-                raise ValueError(
-                    f"reward {name} returned {len(values)} values for {len(completions)} "
-                    "completions; expected one per completion"
-                )
-            components.append(values)
-        self._components = components
-        self._totals = [
-            sum(w * values[i] for w, values in zip(self.weights, components, strict=True))
-            for i in range(len(completions))
+        parts = [call_reward(reward, completions, answers, columns, timeout_s=None)
+                 for reward in self.rewards]
+        totals = [sum(w * part.scores[i] for w, part in zip(self.weights, parts, strict=True))
+                  for i in range(len(completions))]
+        metrics: dict[str, float] = {}
+        reductions: dict[str, Any] = {}
+        for name, part in zip(self.names, parts, strict=True):
+            metrics.update({f"{name}/{key}": value for key, value in part.metrics.items()})
+            reductions.update({f"{name}/{key}": how for key, how in part.reductions.items()})
+            metrics[f"{name}/reward_mean"] = sum(part.scores) / max(len(part.scores), 1)
+            reductions[f"{name}/reward_mean"] = "mean"
+        primary = next((p.details for p in parts if p.details), [{} for _ in totals])
+        details = [
+            {**primary[i], "reward": total,
+             "components": {n: p.scores[i] for n, p in zip(self.names, parts, strict=True)}}
+            for i, total in enumerate(totals)
         ]
-        return list(self._totals)
+        correct = next((p.correct for p in parts if p.correct is not None), None)
+        return RewardOutput(totals, details, metrics, reductions, correct)
 
-    def metrics(self) -> dict[str, float]:
-        """Return each sub-reward's metrics and mean from the last call, prefixed by its name."""
-        merged: dict[str, float] = {}
-        for name, reward, values in zip(self.names, self.rewards, self._components, strict=False):
-            sub_metrics = getattr(reward, "metrics", None)
-            if callable(sub_metrics):
-                merged.update({f"{name}/{key}": value for key, value in sub_metrics().items()})
-            merged[f"{name}/reward_mean"] = sum(values) / max(len(values), 1)
-        return merged
-
-    def details(self) -> list[dict[str, Any]]:
-        """Per-sample information from the last call.
-
-        Returns:
-            One dict per sample: the entry of the first sub-reward that has details
-            (``parsed_answer``, ``status``, ...), with ``reward`` set to the weighted sum and
-            ``components`` mapping each sub-reward's name to its value.
-
-        """
-        primary: list[dict[str, Any]] = []
+    def start(self) -> None:
+        """Start every sub-reward that has a ``start`` method."""
         for reward in self.rewards:
-            sub_details = getattr(reward, "details", None)
-            primary = sub_details() if callable(sub_details) else []
-            if len(primary) == len(self._totals):
-                break
-        else:
-            primary = [{} for _ in self._totals]
-        return [
-            {
-                **primary[i],
-                "reward": total,
-                "components": {n: c[i] for n, c in zip(self.names, self._components, strict=True)},
-            }
-            for i, total in enumerate(self._totals)
-        ]
+            start_reward(reward)
 
     def close(self) -> None:
         """Close every sub-reward that has a ``close`` method."""
         for reward in self.rewards:
-            close = getattr(reward, "close", None)
-            if callable(close):
-                close()
+            close_reward(reward)

@@ -14,13 +14,17 @@ task:
   returns to the interpreter.
 
 A killed or crashed worker costs only the task it was running: its other tasks go back to the
-queue and a fresh worker is started in the background while the others keep working.
+queue and a fresh worker is started in the background while the others keep working. The first
+failure of each kind (an exception type, a timeout, a killed or dead worker) is kept with its
+traceback in :attr:`ScoringPool.failures` and logged once; later ones are only counted by the
+caller. A worker whose ``initializer`` fails (e.g. a self-test of the scorer) stops the pool with
+that traceback instead.
 """
 
+import logging
 import math
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys
@@ -32,12 +36,10 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-#: Result of a task that ran past its timeout.
-TIMEOUT = "timeout"
-#: Result of a task that raised, or whose worker died while running it.
-CRASHED = "crashed"
+from dgpo.rewards.pool_worker import CRASHED, READY, TIMEOUT, Failure, describe
 
-_READY = "ready"
+logger = logging.getLogger(__name__)
+
 # What a worker interpreter runs: take the parent's sys.path, then the worker's arguments.
 _BOOTSTRAP = """
 import sys
@@ -45,54 +47,13 @@ from multiprocessing.connection import Connection
 conn = Connection(int(sys.argv[1]))
 try:
     sys.path[:] = conn.recv()
-    from dgpo.rewards.pool import _worker_main
+    from dgpo.rewards.pool_worker import worker_main
     arguments = conn.recv()
 except EOFError:  # the parent went away before the worker started
     sys.exit(0)
-_worker_main(conn, *arguments)
+worker_main(conn, *arguments)
 """
 _MAX_CHUNK = 64  # tasks sent to a worker at once; small enough to keep the workers balanced
-
-
-class _SoftTimeout(BaseException):
-    """Raised by ``SIGALRM`` in a worker; not an ``Exception``, so scored code cannot swallow it."""
-
-
-def _on_alarm(signum: int, frame: object) -> None:
-    raise _SoftTimeout
-
-
-def _run_task(fn: Callable[..., Any], args: tuple[Any, ...], timeout_s: float) -> Any:
-    try:
-        signal.setitimer(signal.ITIMER_REAL, timeout_s)
-        try:
-            return fn(*args)
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _SoftTimeout:
-        return TIMEOUT
-    except Exception:
-        return CRASHED
-
-
-def _worker_main(
-    conn: Connection,
-    fn: Callable[..., Any],
-    timeout_s: float,
-    initializer: Callable[[], Any] | None,
-) -> None:
-    """Loop of one worker process: receive a chunk of ``(task_id, args)``, answer each task."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    signal.signal(signal.SIGALRM, _on_alarm)
-    if initializer is not None:  # pay lazy imports now, not in the first task's time budget
-        _run_task(initializer, (), max(timeout_s, 60.0))
-    try:
-        conn.send(_READY)
-        while (chunk := conn.recv()) is not None:
-            for task_id, args in chunk:
-                conn.send((task_id, _run_task(fn, args, timeout_s)))
-    except (EOFError, OSError):  # the parent went away
-        return
 
 
 def _kill_processes(processes: set[subprocess.Popen], owner_pid: int) -> None:
@@ -144,7 +105,9 @@ class ScoringPool:
         num_workers: Number of worker processes.
         timeout_s: Soft per-task timeout in seconds (``SIGALRM`` in the worker).
         initializer: A picklable module-level function that each worker calls once before it
-            takes tasks (e.g. to import and warm up a library outside any task's time budget).
+            takes tasks (e.g. to import and warm up a library outside any task's time budget,
+            and to check that it works). If it raises or times out, :meth:`start` and
+            :meth:`map` raise ``RuntimeError`` with its traceback.
         kill_grace_s: Seconds after ``timeout_s`` at which a worker still busy with the same task
             is killed.
         startup_timeout_s: Seconds a new worker may take to import and warm up.
@@ -194,11 +157,24 @@ class ScoringPool:
         self.startup_timeout_s = startup_timeout_s
         #: Workers killed or found dead since the pool was built.
         self.restarts = 0
+        #: The first failure of each kind since the pool was built: kind -> traceback (or a
+        #: description, for a worker that was killed or died). Each is logged when first seen.
+        self.failures: dict[str, str] = {}
         self._owner_pid = os.getpid()
         self._workers: list[_Worker] = []
         # shared with the finalizer, so changed in place only
         self._processes: set[subprocess.Popen] = set()
         self._finalizer = weakref.finalize(self, _kill_processes, self._processes, self._owner_pid)
+
+    def start(self) -> None:
+        """Start the workers now and wait until each has run ``initializer``.
+
+        Raises:
+            RuntimeError: If a worker cannot start, or its ``initializer`` raises (with the
+                traceback) or times out.
+
+        """
+        self._guarded(_Batch([], [], deque(), 0), 1, until_ready=True)
 
     def map(self, tasks: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Run ``fn(*task)`` for every task and return the results in order.
@@ -211,27 +187,30 @@ class ScoringPool:
             its timeout, or :data:`CRASHED` if ``fn`` raised or its worker died.
 
         Raises:
-            RuntimeError: If a worker cannot start (it exits or hangs during start-up), or the
-                pool is used in a process other than the one that built it. If the call is
-                interrupted (any exception, e.g. ``KeyboardInterrupt``), the workers are killed
-                first, so that no stale answer reaches a later call.
+            RuntimeError: If a worker cannot start (it exits or hangs during start-up, or its
+                ``initializer`` fails), or the pool is used in a process other than the one that
+                built it. If the call is interrupted (any exception, e.g. ``KeyboardInterrupt``),
+                the workers are killed first, so that no stale answer reaches a later call.
 
         """
-        if os.getpid() != self._owner_pid:
-            raise RuntimeError("ScoringPool was built in another process; build a new one here")
         batch = _Batch(tasks, [None] * len(tasks), deque(range(len(tasks))), len(tasks))
         chunk_size = max(1, min(_MAX_CHUNK, math.ceil(len(tasks) / (4 * self.num_workers))))
+        self._guarded(batch, chunk_size, until_ready=False)
+        return batch.results
+
+    def _guarded(self, batch: _Batch, chunk_size: int, until_ready: bool) -> None:
+        if os.getpid() != self._owner_pid:
+            raise RuntimeError("ScoringPool was built in another process; build a new one here")
         try:
-            self._run(batch, chunk_size)
+            self._run(batch, chunk_size, until_ready)
         except BaseException:  # e.g. Ctrl-C: the workers still hold tasks of this batch
             self.close()
             raise
-        return batch.results
 
-    def _run(self, batch: _Batch, chunk_size: int) -> None:
+    def _run(self, batch: _Batch, chunk_size: int, until_ready: bool) -> None:
         while len(self._workers) < self.num_workers:
             self._spawn()
-        while batch.remaining:
+        while batch.remaining or (until_ready and not all(w.ready for w in self._workers)):
             for worker in list(self._workers):
                 if worker.ready and not worker.inflight and batch.pending:
                     self._dispatch(worker, batch, chunk_size)
@@ -252,7 +231,10 @@ class ScoringPool:
                         raise RuntimeError(
                             f"a scoring worker did not start within {self.startup_timeout_s} s"
                         )
-                    self._fail(worker, batch, TIMEOUT)
+                    self._fail(worker, batch, TIMEOUT, "timeout (worker killed)",
+                               f"ran past {self.timeout_s:g} s + {self.kill_grace_s:g} s of grace "
+                               "without answering (stuck outside the interpreter?); the worker "
+                               "was killed")
 
     def close(self) -> None:
         """Kill the workers (a later :meth:`map` starts new ones)."""
@@ -305,14 +287,16 @@ class ScoringPool:
             while worker.conn.poll():
                 message = worker.conn.recv()
                 worker.since = time.monotonic()
-                if message == _READY:
-                    worker.ready = True
+                if message[0] == READY:
+                    self._on_ready(worker, message[1])
                     continue
-                task_id, result = message
+                task_id, result, failure = message
                 if worker.inflight.popleft() != task_id:  # pragma: no cover - protocol invariant
                     raise RuntimeError(f"scoring worker answered task {task_id} out of order")
                 batch.results[task_id] = result
                 batch.remaining -= 1
+                if failure is not None:
+                    self._record(*failure)
         except (EOFError, OSError):
             if not worker.ready:
                 self._discard(worker)
@@ -320,17 +304,43 @@ class ScoringPool:
                     "a scoring worker exited during start-up (exit code "
                     f"{worker.process.returncode}); its error is printed above"
                 ) from None
-            self._fail(worker, batch, CRASHED)
+            self._fail(worker, batch, CRASHED, None, "")
 
-    def _fail(self, worker: _Worker, batch: _Batch, result: str) -> None:
-        """Blame ``result`` on the worker's current task, requeue the rest, restart it."""
-        if worker.inflight:
-            blamed = worker.inflight.popleft()
+    def _on_ready(self, worker: _Worker, failure: Failure | None) -> None:
+        if failure is None:
+            worker.ready = True
+            return
+        self._discard(worker)
+        kind, text = failure
+        raise RuntimeError(f"a scoring worker's initializer {self.initializer!r} failed "
+                           f"({kind}), so the scorer cannot be trusted:\n{text}")
+
+    def _fail(self, worker: _Worker, batch: _Batch, result: str, kind: str | None,
+              what: str) -> None:
+        """Blame ``result`` on the worker's current task, requeue the rest, restart it.
+
+        ``kind`` and ``what`` describe the failure; ``kind=None``: the worker died (its exit
+        code, known once it is reaped, names the kind).
+        """
+        blamed = worker.inflight.popleft() if worker.inflight else None
+        if blamed is not None:
             batch.results[blamed] = result
             batch.remaining -= 1
             batch.pending.extendleft(reversed(worker.inflight))
             worker.inflight.clear()
         self._restart(worker)
+        if kind is None:
+            code = worker.process.returncode
+            kind, what = f"worker died (exit code {code})", f"exited with code {code}"
+        task = "no task" if blamed is None else describe(batch.tasks[blamed])
+        self._record(kind, f"the scoring worker running {task} {what}")
+
+    def _record(self, kind: str, text: str) -> None:
+        """Keep and log the first failure of each kind."""
+        if kind not in self.failures:
+            self.failures[kind] = text
+            logger.warning("scoring worker failure %r (the first of its kind; later ones are "
+                           "only counted):\n%s", kind, text)
 
     def _restart(self, worker: _Worker) -> None:
         self._discard(worker)

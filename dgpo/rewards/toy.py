@@ -16,7 +16,7 @@ class DigitFractionReward(Reward):
     the CPU-sized figure notebooks on ``builtin:tiny-qwen2``. It ignores the gold answers.
 
     Example:
-        >>> DigitFractionReward()(["12ab", "none"], ["3", "3"])
+        >>> DigitFractionReward()(["12ab", "none"], ["3", "3"]).scores
         [0.5, 0.0]
     """
 

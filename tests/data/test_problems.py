@@ -118,6 +118,49 @@ def test_load_problems_non_string_problem(write_jsonl: Callable[..., Path]) -> N
         load_problems(path, problem_field="prompt")
 
 
+def test_load_problems_directory_is_reported_as_directory(tmp_path: Path) -> None:
+    (tmp_path / "x.jsonl").mkdir()
+    with pytest.raises(ValueError, match=r"problem file '.*x\.jsonl' is a directory"):
+        load_problems(tmp_path / "x.jsonl")
+
+
+def test_load_problems_not_parquet_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "problems.parquet"
+    path.write_text(json.dumps(ROWS[0]))  # JSON under a .parquet name
+    with pytest.raises(ValueError, match=r"problems\.parquet is not a readable Parquet file"):
+        load_problems(path)
+
+
+def test_load_problems_not_utf8_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"problem": "caf\u00e9", "answer": "1"}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.jsonl is not UTF-8 text"):
+        load_problems(path)
+
+
+@pytest.mark.parametrize(
+    ("answer", "shown"),
+    [([3], r"list \[3\]"), ({"value": 3}, r"dict \{'value': 3\}"), (True, "bool True")],
+)
+def test_load_problems_non_scalar_answer_names_row_and_file(
+    write_jsonl: Callable[..., Path], answer: object, shown: str
+) -> None:
+    path = write_jsonl([ROWS[0], {"problem": "p", "answer": answer}])
+    with pytest.raises(ValueError, match=rf"{path.name}, row 2: field 'answer' must be a string "
+                                         rf"or a number, got {shown}"):
+        load_problems(path)
+
+
+def test_load_problems_nan_answer_is_missing(tmp_path: Path) -> None:
+    # pandas writes a missing number as NaN: the row is dropped like a null answer, not "nan"
+    path = tmp_path / "problems.parquet"
+    rows = [{"problem": "a", "answer": 2.5}, {"problem": "b", "answer": float("nan")}]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.warns(UserWarning, match=r"dropped 1 of 2 rows"):
+        kept = load_problems(path)
+    assert [row["answer"] for row in kept] == ["2.5"]
+
+
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="shared data folder absent")
 def test_load_problems_math_train_drops_two_empty_answers() -> None:
     with pytest.warns(UserWarning, match="dropped 2 of 7500 rows"):

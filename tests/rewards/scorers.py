@@ -31,3 +31,8 @@ def raise_on_negative(value: int) -> int:
     if value < 0:
         raise ArithmeticError(f"negative: {value}")
     return 2 * value
+
+
+def broken_self_test() -> None:
+    """A worker initializer that fails as a broken math-verify installation would."""
+    raise ImportError("LaTeX parser runtime is missing (a broken install)")

@@ -36,8 +36,8 @@ def test_math_verify_scores_every_boxed_gold_answer(
     rows = [json.loads(line) for line in (DATA / f"{benchmark}.jsonl").read_text().splitlines()]
     assert rows, f"{benchmark}.jsonl is empty"
     answers = [row["answer"] for row in rows]
-    rewards = reward([f"The final answer is $\\boxed{{{a}}}$." for a in answers], answers)
-    details = reward.details()
+    output = reward([f"The final answer is $\\boxed{{{a}}}$." for a in answers], answers)
+    rewards, details = output.scores, output.details
     failures = {
         row["id"]: (row["answer"], detail["parsed_answer"], detail["status"])
         for row, score, detail in zip(rows, rewards, details, strict=True)

@@ -1,3 +1,4 @@
+import logging
 import os
 import subprocess
 import sys
@@ -11,9 +12,47 @@ import pytest
 from dgpo.rewards import pool as pool_module
 from dgpo.rewards.pool import CRASHED, ScoringPool
 
-from .scorers import raise_on_negative
+from .scorers import broken_self_test, raise_on_negative
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def test_scoring_pool_keeps_first_traceback_per_kind(caplog: pytest.LogCaptureFixture) -> None:
+    pool = ScoringPool(raise_on_negative, num_workers=1, timeout_s=5.0)
+    try:
+        with caplog.at_level(logging.WARNING, logger="dgpo.rewards.pool"):
+            assert pool.map([(-1,), (2,), (-2,)]) == [CRASHED, 4, CRASHED]
+            assert pool.map([(-3,)]) == [CRASHED]
+        assert list(pool.failures) == ["ArithmeticError"]
+        text = pool.failures["ArithmeticError"]
+        assert text.startswith("task (-1,) raised:\nTraceback (most recent call last):")
+        assert "ArithmeticError: negative: -1" in text  # the first one, not a later one
+        logged = [r.getMessage() for r in caplog.records]
+        assert len(logged) == 1 and "'ArithmeticError'" in logged[0] and "negative: -1" in logged[0]
+    finally:
+        pool.close()
+
+
+def test_scoring_pool_failing_initializer_raises_with_traceback() -> None:
+    pool = ScoringPool(abs, num_workers=2, timeout_s=5.0, initializer=broken_self_test)
+    with pytest.raises(RuntimeError, match=r"initializer .*broken_self_test.* failed "
+                                           r"\(ImportError\)") as info:
+        pool.start()
+    assert "Traceback (most recent call last)" in str(info.value)
+    assert "LaTeX parser runtime is missing" in str(info.value)
+    assert pool._processes == set()  # no worker left behind
+    with pytest.raises(RuntimeError, match="ImportError"):
+        pool.map([(-1,)])
+
+
+def test_scoring_pool_start_makes_every_worker_ready() -> None:
+    pool = ScoringPool(abs, num_workers=2, timeout_s=5.0)
+    try:
+        pool.start()
+        assert len(pool._workers) == 2 and all(w.ready for w in pool._workers)
+        assert pool.map([(-4,)]) == [4] and pool.restarts == 0
+    finally:
+        pool.close()
 
 
 def test_scoring_pool_keeps_order_and_reports_exceptions() -> None:
@@ -44,17 +83,16 @@ def test_scoring_pool_bad_arguments_raise(kwargs: dict, message: str) -> None:
         ScoringPool(**arguments)
 
 
-def _run_script(body: str) -> tuple[subprocess.CompletedProcess, float]:
+def _run_script(body: str) -> subprocess.CompletedProcess:
+    """Run ``body`` in a fresh interpreter; a script that hangs fails the test (TimeoutExpired)."""
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    start = time.monotonic()
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(body)],
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
-    return result, time.monotonic() - start
 
 
 def _assert_gone(pids: list[int]) -> None:
@@ -69,28 +107,28 @@ def _assert_gone(pids: list[int]) -> None:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to look for leftover workers")
 def test_scoring_pool_workers_stop_at_interpreter_exit() -> None:
     # no close() and no __main__ guard: the workers must go when the interpreter exits
-    result, elapsed = _run_script(
+    result = _run_script(
         """
         from dgpo.rewards import MathVerifyReward
         reward = MathVerifyReward(num_workers=2)
-        assert reward(["\\\\boxed{1}"], ["1"]) == [1.0]
+        assert reward(["\\\\boxed{1}"], ["1"]).scores == [1.0]
         print(*[p.pid for p in reward._pool._processes])
         """
     )
     assert result.returncode == 0, result.stderr
     _assert_gone([int(pid) for pid in result.stdout.split()])
-    assert elapsed < 30
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to look for leftover workers")
 def test_scoring_pool_exit_does_not_wait_for_hung_worker() -> None:
-    # a worker stuck in a task with a long timeout is killed at exit, not waited for
-    result, elapsed = _run_script(
+    # a worker stuck in a task with a long timeout is killed at exit, not waited for (waiting
+    # would outlast _run_script's limit)
+    result = _run_script(
         """
         import threading, time
         from rewards.scorers import HANG, crash_or_verify
         from dgpo.rewards.pool import ScoringPool
-        pool = ScoringPool(crash_or_verify, num_workers=1, timeout_s=60.0)
+        pool = ScoringPool(crash_or_verify, num_workers=1, timeout_s=3600.0)
         pool.map([("1", "1")])
         print(*[p.pid for p in pool._processes], flush=True)
         threading.Thread(target=pool.map, args=([("1", HANG)],), daemon=True).start()
@@ -99,7 +137,6 @@ def test_scoring_pool_exit_does_not_wait_for_hung_worker() -> None:
     )
     assert result.returncode == 0, result.stderr
     _assert_gone([int(pid) for pid in result.stdout.split()])
-    assert elapsed < 30
 
 
 def test_scoring_pool_interrupted_call_leaves_no_stale_answers(
