@@ -42,7 +42,7 @@ def micro_batches(batch: dict[str, Tensor], size: int,
 
 
 #: Batch entries aligned with the targets ``input_ids[:, 1:]`` (one column fewer).
-_TARGET_ALIGNED = ("response_mask", "old_logp", "ref_logp")
+_TARGET_ALIGNED = ("response_mask", "old_logp", "ref_logp", "rollout_logp")
 
 
 def resolve_old_logp(old_logp: Tensor, logp: Tensor, deferred: Tensor | None) -> Tensor:

@@ -2,38 +2,47 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import inspect
 from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.distributed.fsdp.wrap import wrap
 
-from dgpo.batching import has_dropout, micro_batches, resolve_old_logp
+from dgpo.batching import micro_batches, resolve_old_logp
 from dgpo.checkpoint import (
     allow_missing_reference_weights,
     drop_reference_weights,
     restore_rng_states,
     rng_states,
 )
-from dgpo.distributed import TokenMeans, call_in_forward, full_weights
+from dgpo.distributed import TokenMeans
 from dgpo.evaluation.config import EvalConfig
 from dgpo.evaluation.evaluator import Evaluator
 from dgpo.evaluation.hooks import EvaluationHooks
 from dgpo.loading import DTYPES, load_causal_lm, wrap_from_rank0
-from dgpo.logprobs import sequence_logprobs
-from dgpo.losses import PolicyLoss, k3_kl, loss_config, resolve_loss
+from dgpo.losses import (
+    KL_ESTIMATORS,
+    PolicyLoss,
+    check_correction,
+    kl_penalty,
+    loss_config,
+    resolve_loss,
+    rollout_correction,
+    rollout_correction_metrics,
+)
+from dgpo.losses.correction import CorrectionMode
+from dgpo.losses.kl import KLEstimator
 from dgpo.models import resolve_model
-from dgpo.optim import adamw_with_schedule, check_schedule, clip_grad_norm
-from dgpo.rollout.buffer import RolloutSample, collate_samples
+from dgpo.optim import adamw_with_schedule, check_schedule, clip_grad_norm, non_finite_step
+from dgpo.policy_scoring import PolicyScoring
 from dgpo.rollout.engine import RolloutEngine
 from dgpo.strategies import check_module_sharding, strategy_kind
 
 
-class RLVRModule(EvaluationHooks, LightningModule):
+class RLVRModule(PolicyScoring, EvaluationHooks, LightningModule):
     """A causal language model trained with a policy loss on rollouts served by the data module.
 
     One training batch is one mini-batch of the rollout buffer and one optimiser step (manual
@@ -72,8 +81,10 @@ class RLVRModule(EvaluationHooks, LightningModule):
         lr_schedule: ``"constant"`` or ``"cosine"`` decay to ``min_lr_ratio · lr`` after warm-up.
         min_lr_ratio: floor of the cosine schedule, as a fraction of ``lr``.
         max_grad_norm: gradient clipping by global norm; ``None`` disables it.
-        kl_coef: coefficient of the k3 KL penalty to the frozen reference model; the reference
+        kl_coef: coefficient of the KL penalty to the frozen reference model; the reference
             model is only loaded when it is > 0.
+        kl_estimator: the per-token KL estimator (:func:`~dgpo.losses.kl_penalty`): ``"k1"``,
+            ``"k2"``, ``"k3"`` (the default, as in GRPO) or ``"low_var_kl"`` (k3 clamped).
         entropy_coef: coefficient of an entropy bonus (0 in the paper).
         micro_batch_size: sequences per forward/backward pass.
         dtype: dtype of the policy's weights.
@@ -92,6 +103,14 @@ class RLVRModule(EvaluationHooks, LightningModule):
             see :class:`~dgpo.evaluation.EvalConfig` for the defaults (the paper's).
         max_skipped_steps: how many optimiser steps in a row may be skipped for a non-finite
             loss or gradient norm before the run stops with an error.
+        rollout_correction: train–inference mismatch correction: every token's loss is
+            multiplied by :func:`~dgpo.losses.rollout_correction` weights of π_old / π_rollout
+            (the engine's sampling log-probs): ``"token_truncate"``, ``"token_mask"``,
+            ``"sequence_truncate"``, ``"sequence_mask"``, or ``None`` (off). Metrics under
+            ``rollout/mismatch/``.
+        correction_cap: the upper bound of the correction weights (TRL's default: 3.0).
+        correction_low: their lower bound (``None``: as :func:`~dgpo.losses.rollout_correction`
+            defines).
 
     Raises:
         ValueError: for an unknown loss name or an out-of-range setting.
@@ -109,7 +128,10 @@ class RLVRModule(EvaluationHooks, LightningModule):
                  share_prompts: bool = True, gradient_checkpointing: bool = False,
                  attn_implementation: str | None = None,
                  evaluation: EvalConfig | None = None, engine: RolloutEngine | None = None,
-                 temperature: float = 1.0, max_skipped_steps: int = 3) -> None:
+                 temperature: float = 1.0, max_skipped_steps: int = 3,
+                 kl_estimator: KLEstimator = "k3",
+                 rollout_correction: CorrectionMode | None = None, correction_cap: float = 3.0,
+                 correction_low: float | None = None) -> None:
         super().__init__()
         evaluation = EvalConfig.build(evaluation)  # a dict when loaded from a checkpoint
         loss = resolve_loss(loss)  # a dict (class_path, init_args) when loaded from a checkpoint
@@ -123,6 +145,15 @@ class RLVRModule(EvaluationHooks, LightningModule):
         if max_grad_norm is not None:
             _check_positive("max_grad_norm", max_grad_norm)
         _check_positive("temperature", temperature)
+        if kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {list(KL_ESTIMATORS)}, got "
+                             f"{kl_estimator!r}")
+        if rollout_correction is not None:
+            check_correction(rollout_correction, correction_cap, correction_low)
+            if "weights" not in inspect.signature(loss.__call__).parameters:
+                raise ValueError(f"rollout_correction={rollout_correction!r} needs a loss whose "
+                                 f"call takes weights=; {type(loss).__name__} overrides __call__ "
+                                 "without it")
         if isinstance(max_skipped_steps, bool) or not max_skipped_steps >= 0:
             raise ValueError(
                 f"max_skipped_steps must be an integer >= 0, got {max_skipped_steps!r}")
@@ -205,112 +236,6 @@ class RLVRModule(EvaluationHooks, LightningModule):
                               self.hparams.attn_implementation,
                               empty=self._loads_on_rank0 and self.global_rank != 0)
 
-    @property
-    def sampling_temperature(self) -> float:
-        """The rollouts' sampling temperature (``temperature``), which training log-probs use."""
-        return float(self.hparams.temperature)
-
-    @property
-    def has_reference(self) -> bool:
-        """Whether a frozen reference model is loaded (``kl_coef > 0``) for ``score_samples``."""
-        return self.reference is not None
-
-    def policy_for_engine(self) -> torch.nn.Module | None:
-        """The policy module an engine may sample from in place, or None when it is sharded.
-
-        A sharded policy cannot be sampled from directly: the engine then keeps its own copy,
-        loaded from :attr:`model_path` and updated by :meth:`named_weights_for_engine`.
-        """
-        return None if self.sharded else self.policy
-
-    @property
-    def sharded(self) -> bool:
-        """Whether the policy's parameters are sharded over ranks (FSDP1 or FSDP2)."""
-        return self._trainer is not None and strategy_kind(self.trainer.strategy) != "replicated"
-
-    @property
-    def shares_prompts(self) -> bool:
-        """Whether training log-probs run each distinct prompt once (``share_prompts``).
-
-        Not with Hugging Face's gradient checkpointing, which drops the KV cache while training;
-        the strategies' activation checkpointing is fine. Scoring (no backward pass) shares
-        prompts whenever ``share_prompts`` is on.
-        """
-        return (self.hparams.share_prompts and self.policy is not None
-                and not getattr(self.policy, "is_gradient_checkpointing", False))
-
-    @property
-    def can_defer_old_logp(self) -> bool:
-        """Whether the first mini-batch's training log-probs can serve as its behaviour log-probs.
-
-        True without dropout (train- and eval-mode forward passes agree). The rollout callback
-        then scores only the other mini-batches' samples (under FSDP each rank its own, however
-        many: :meth:`score_samples` evens out the forward passes).
-        """
-        return self.policy is not None and not has_dropout(self.policy)
-
-    def named_weights_for_engine(self) -> Iterator[tuple[str, Tensor]]:
-        """The policy's full weights by Hugging Face name, one tensor at a time, for the engine.
-
-        Under FSDP they are gathered one shard unit (FSDP1) or parameter (FSDP2) at a time, and
-        every rank must consume the iterator (see :func:`dgpo.distributed.full_weights`).
-        """
-        assert self.policy is not None, "configure_model() has not run"
-        if self.sharded:
-            yield from full_weights(self.policy)
-            return
-        for name, tensor in self.policy.state_dict().items():
-            yield name, tensor.detach()
-
-    # -------------------------------------------------------------------------------- log-probs
-    def _logprobs(self, model: torch.nn.Module, batch: dict[str, Tensor], with_entropy: bool,
-                  share_prompts: bool, temperature: float | None = None) -> tuple[Tensor, Tensor]:
-        temperature = self.sampling_temperature if temperature is None else temperature
-        # FSDP: inside the model unit's forward, which gathers the parameters it holds
-        return call_in_forward(model, lambda inner: sequence_logprobs(
-            inner, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
-            temperature=temperature, chunk_size=self.hparams.logprob_chunk_size,
-            with_entropy=with_entropy, keep_gib=self.hparams.logprob_keep_gib,
-            share_prompts=share_prompts, same_calls=self.sharded))
-
-    @torch.no_grad()
-    def score_samples(self, samples: list[RolloutSample], reference: bool = False,
-                      temperature: float | None = None) -> list[Tensor]:
-        """Log-probs of each sample's response tokens under the policy (or the reference model).
-
-        ``temperature`` defaults to the sampling temperature (:attr:`sampling_temperature`).
-        Runs in eval mode in micro-batches sorted by length (groups together when prompts are
-        shared); returns one float32 CPU tensor per sample, in the input order. Under FSDP every
-        rank must call it (a collective), with any number of samples: a rank with fewer
-        micro-batches than another repeats one (or a one-token filler) so that all ranks make the
-        same forward passes.
-        """
-        model = self.reference if reference else self.policy
-        assert model is not None, "the model is not loaded (configure_model) or kl_coef is 0"
-        out: list[Tensor] = [torch.empty(0)] * len(samples)
-        if not samples and not self.sharded:  # e.g. every π_old is deferred to the training pass
-            return out
-        pad = self.tokenizer.pad_token_id or 0
-        share = self.hparams.share_prompts  # no backward pass: nothing is recomputed
-        batches = list(micro_batches(collate_samples(samples, pad), self.hparams.micro_batch_size,
-                                     by_group=share)) if samples else []
-        if self.sharded:
-            count = self.trainer.strategy.reduce(torch.tensor(len(batches), device=self.device),
-                                                 reduce_op="max")
-            filler = batches[-1][1] if batches else collate_samples(
-                [RolloutSample(prompt_ids=[pad], response_ids=[pad], advantage=0.0)], pad)
-            batches += [(None, filler)] * (int(count) - len(batches))
-        was_training = model.training
-        model.eval()
-        for rows, micro in batches:
-            micro = {key: value.to(self.device) for key, value in micro.items()}
-            logp, _ = self._logprobs(model, micro, with_entropy=False, share_prompts=share,
-                                     temperature=temperature)
-            for row, index in enumerate(rows.tolist() if rows is not None else []):
-                out[index] = logp[row][micro["response_mask"][row]].float().cpu()
-        model.train(was_training)
-        return out
-
     # -------------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
         """One optimiser step on one mini-batch; returns the loss and per-token diagnostics.
@@ -344,8 +269,9 @@ class RLVRModule(EvaluationHooks, LightningModule):
                                            share_prompts=share)
             micro_mask = micro["response_mask"]
             old_logp = resolve_old_logp(micro["old_logp"], logp, micro.get("defer_old_logp"))
+            weights = self._correction(old_logp, micro["rollout_logp"], micro_mask)
             out = self.loss_fn(logp, old_logp, micro["advantages"], micro_mask,
-                               num_tokens=num_tokens, num_sequences=mask.shape[0])
+                               num_tokens=num_tokens, num_sequences=mask.shape[0], **weights)
             loss = out.loss
             token_count = micro_mask.sum().clamp(min=1)
             terms["policy_loss"] += out.loss.detach()
@@ -355,7 +281,7 @@ class RLVRModule(EvaluationHooks, LightningModule):
                 loss = loss + entropy_loss
                 terms["entropy_loss"] += entropy_loss.detach()
             if self.hparams.kl_coef > 0:
-                kl = k3_kl(logp, micro["ref_logp"]) * micro_mask
+                kl = kl_penalty(logp, micro["ref_logp"], self.hparams.kl_estimator) * micro_mask
                 kl_loss = self.hparams.kl_coef * kl.sum() / num_tokens
                 loss = loss + kl_loss
                 terms["kl_loss"] += kl_loss.detach()
@@ -403,44 +329,41 @@ class RLVRModule(EvaluationHooks, LightningModule):
             "prob_weight": diagnostics["prob_weight"] if self.loss_fn.states_prob_weight else None,
         }
 
+    def _correction(self, old_logp: Tensor, rollout_logp: Tensor,
+                    mask: Tensor) -> dict[str, Tensor]:
+        """``{"weights": ...}`` of the mismatch correction (and its metrics), or ``{}`` (off)."""
+        hp = self.hparams
+        if hp.rollout_correction is None:
+            return {}
+        settings = (hp.rollout_correction, hp.correction_cap, hp.correction_low)
+        tokens = int(mask.sum())
+        for name, value in rollout_correction_metrics(old_logp, rollout_logp, mask,
+                                                      *settings).items():
+            self._log_metric(f"rollout/mismatch/{name}", value, tokens)
+        return {"weights": rollout_correction(old_logp, rollout_logp, mask, *settings)}
+
     def _skip_if_not_finite(self, values: dict[str, Tensor]) -> bool:
-        """Whether to skip this step (a value is NaN or infinite); stop after too many in a row.
-
-        ``values`` are global (the same on every rank), so every rank decides alike.
-
-        Raises:
-            RuntimeError: after more than ``max_skipped_steps`` skipped steps in a row, naming
-                the offending metric, the step and the epoch.
-        """
-        bad = {name: float(value) for name, value in values.items()
-               if not bool(torch.isfinite(value).all())}
-        if not bad:
-            self._skips_in_row = 0
-            return False
-        self._skips_in_row += 1
+        """Whether to skip this step (see :func:`dgpo.optim.non_finite_step`); warns if so."""
         where = (f"optimiser step {self.global_step} (epoch {self.current_epoch}, "
                  f"mini-batch {self.trainer.fit_loop.epoch_loop.batch_idx})")
-        detail = ", ".join(f"{name} = {value}" for name, value in bad.items())
-        if self._skips_in_row > self.hparams.max_skipped_steps:
-            raise RuntimeError(
-                f"{detail} at {where}: {self._skips_in_row} non-finite steps in a row, more "
-                f"than max_skipped_steps={self.hparams.max_skipped_steps}; the run stops without "
-                "updating the weights or writing a checkpoint of this step (lower model.lr, or "
-                "check the reward and the data)")
-        rank_zero_warn(f"skipping {where}: {detail} (no update; "
-                       f"{self._skips_in_row} in a row)")
-        return True
+        self._skips_in_row = non_finite_step(values, self._skips_in_row,
+                                             self.hparams.max_skipped_steps, where)
+        return self._skips_in_row > 0
 
     def _log_micro(self, metrics: dict[str, Tensor], entropy: Tensor, mask: Tensor,
                    tokens: int) -> None:
         for name, value in metrics.items():
-            reduce = "max" if name.endswith("/max") else "min" if name.endswith("/min") else "mean"
-            if reduce == "mean":  # token-weighted over the epoch and all ranks (issue 7)
-                self._token_means.update(f"train/{name}", value, tokens)
-            else:
-                self.log(f"train/{name}", value, on_epoch=True, on_step=False, reduce_fx=reduce,
-                         batch_size=tokens, sync_dist=True)
+            self._log_metric(f"train/{name}", value, tokens)
         self._token_means.update("train/entropy", (entropy * mask).sum() / max(tokens, 1), tokens)
+
+    def _log_metric(self, name: str, value: Tensor, tokens: int) -> None:
+        """A per-token metric: a token-weighted mean, or a max/min when its name ends so."""
+        reduce = "max" if name.endswith("/max") else "min" if name.endswith("/min") else "mean"
+        if reduce == "mean":  # token-weighted over the epoch and all ranks
+            self._token_means.update(name, value, tokens)
+        else:
+            self.log(name, value, on_epoch=True, on_step=False, reduce_fx=reduce,
+                     batch_size=tokens, sync_dist=True)
 
     def on_train_epoch_end(self) -> None:
         """Log the epoch's token-weighted train metrics, reduced over all ranks."""

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 def check_schedule(lr: float, weight_decay: float, warmup_steps: int, schedule: str,
@@ -74,3 +75,33 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float | None) -> torch.Tens
         return clip(limit)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def non_finite_step(values: dict[str, torch.Tensor], skips_in_row: int, max_skipped: int,
+                    where: str) -> int:
+    """The number of non-finite steps in a row after this one (0: this step is fine).
+
+    ``values`` (e.g. the step's loss and gradient norm) are global, the same on every rank, so
+    every rank decides alike. A non-finite step is to be skipped, with a warning.
+
+    Raises:
+        RuntimeError: after more than ``max_skipped`` non-finite steps in a row, naming the
+            offending values and ``where`` (the step and the epoch).
+
+    Example:
+        >>> non_finite_step({"train/loss": torch.tensor(0.5)}, 2, 3, "step 7")
+        0
+    """
+    bad = {name: float(value) for name, value in values.items()
+           if not bool(torch.isfinite(value).all())}
+    if not bad:
+        return 0
+    skips_in_row += 1
+    detail = ", ".join(f"{name} = {value}" for name, value in bad.items())
+    if skips_in_row > max_skipped:
+        raise RuntimeError(
+            f"{detail} at {where}: {skips_in_row} non-finite steps in a row, more than "
+            f"max_skipped_steps={max_skipped}; the run stops without updating the weights or "
+            "writing a checkpoint of this step (lower model.lr, or check the reward and the data)")
+    rank_zero_warn(f"skipping {where}: {detail} (no update; {skips_in_row} in a row)")
+    return skips_in_row

@@ -25,6 +25,10 @@ class RolloutSample:
         defer_old_logp: the behaviour log-probs are this sample's log-probs in its training
             forward pass: it is in the epoch's first mini-batch, which the policy that sampled it
             trains on before any update, so a separate scoring pass would compute the same numbers.
+        rollout_logp: the engine's raw log-probs of ``response_ids`` while sampling (for the
+            train–inference mismatch correction), when the engine reports them.
+        in_loss: False leaves the sample out of the loss (e.g. a truncated response with
+            ``mask_truncated``): its response mask is all False.
     """
 
     prompt_ids: list[int]
@@ -35,13 +39,16 @@ class RolloutSample:
     old_logp: Tensor | None = None
     ref_logp: Tensor | None = None
     defer_old_logp: bool = False
+    rollout_logp: Tensor | None = None
+    in_loss: bool = True
 
 
 def collate_samples(samples: Sequence[RolloutSample], pad_token_id: int = 0) -> dict[str, Tensor]:
     """Right-pad samples into a training batch.
 
     Returns a dict with ``input_ids`` and ``attention_mask`` ``(B, L)``, ``response_mask``,
-    ``old_logp`` and ``ref_logp`` ``(B, L−1)`` aligned with the targets ``input_ids[:, 1:]``,
+    ``old_logp``, ``ref_logp`` and ``rollout_logp`` ``(B, L−1)`` aligned with the targets
+    ``input_ids[:, 1:]``,
     ``advantages``, ``defer_old_logp`` and ``group`` ``(B,)`` (see :class:`RolloutSample`).
     Missing log-probs are zeros.
     """
@@ -52,22 +59,26 @@ def collate_samples(samples: Sequence[RolloutSample], pad_token_id: int = 0) -> 
     response_mask = torch.zeros((batch, max(length - 1, 0)), dtype=torch.bool)
     old_logp = torch.zeros((batch, max(length - 1, 0)), dtype=torch.float32)
     ref_logp = torch.zeros_like(old_logp)
+    rollout_logp = torch.zeros_like(old_logp)
     for row, sample in enumerate(samples):
         prompt, response = len(sample.prompt_ids), len(sample.response_ids)
         input_ids[row, :prompt + response] = torch.tensor(sample.prompt_ids + sample.response_ids)
         attention_mask[row, :prompt + response] = 1
         targets = slice(prompt - 1, prompt - 1 + response)
-        response_mask[row, targets] = True
+        response_mask[row, targets] = sample.in_loss
         if sample.old_logp is not None:
             old_logp[row, targets] = sample.old_logp
         if sample.ref_logp is not None:
             ref_logp[row, targets] = sample.ref_logp
+        if sample.rollout_logp is not None:
+            rollout_logp[row, targets] = sample.rollout_logp
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "response_mask": response_mask,
         "old_logp": old_logp,
         "ref_logp": ref_logp,
+        "rollout_logp": rollout_logp,
         "advantages": torch.tensor([s.advantage for s in samples], dtype=torch.float32),
         "defer_old_logp": torch.tensor([s.defer_old_logp for s in samples], dtype=torch.bool),
         "group": torch.tensor([s.group for s in samples], dtype=torch.long),

@@ -3,46 +3,39 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from dgpo.advantages import ESTIMATORS, compute_advantages, group_stats
+from dgpo.advantages import AdvantageEstimator, group_stats, resolve_advantage
 from dgpo.data.prompt import PromptSample
-from dgpo.distributed import all_gather_objects, reduce_reward_metrics, shard_bounds
-from dgpo.rewards import MathVerifyReward, RewardFunction
+from dgpo.distributed import all_gather_objects, concat_reward_outputs, shard_bounds
+from dgpo.rewards import (
+    DEFAULT_REWARD_TIMEOUT_S,
+    MathVerifyReward,
+    RewardFunction,
+    call_reward,
+    close_reward,
+    start_reward,
+)
 from dgpo.rollout.buffer import RolloutSample
 from dgpo.rollout.engine import Completion, RolloutEngine, SamplingConfig
+from dgpo.rollout.groups import (
+    Batch,
+    Draw,
+    RolloutRecord,
+    correctness,
+    has_signal,
+    overlong_penalties,
+    select_groups,
+)
 from dgpo.rollout.policy import check_rollout_policy
+from dgpo.rollout.sync import check_sync, sync_gap
 from dgpo.seeding import run_seed
-
-
-@dataclass
-class RolloutRecord:
-    """The last rollout, for callbacks that report on it (e.g. the completions table).
-
-    Attributes:
-        epoch: the epoch it was generated for.
-        prompts: the rollout's prompts.
-        completions: ``n`` completions per prompt, prompt-major.
-        rewards: one reward per completion.
-        advantages: one advantage per completion.
-        details: the reward's per-completion details (``parsed_answer``, ``status``), if any.
-    """
-
-    epoch: int
-    prompts: list[PromptSample]
-    completions: list[Completion]
-    rewards: list[float]
-    advantages: list[float]
-    details: list[dict[str, Any]] = field(default_factory=list)
-
-
-#: Advantage estimators that divide by the group's spread and so need n ≥ 2 to carry any signal.
-GROUP_NORMALISED = ("grpo", "dr_grpo", "rloo")
 
 
 class RolloutCallback(Callback):
@@ -55,11 +48,9 @@ class RolloutCallback(Callback):
     which the epoch then trains on in ``ppo_epochs`` passes of ``mini_batch_size`` sequences.
 
     On several ranks (DDP, FSDP) every rank has its own engine (a ``VLLMEngine`` with
-    ``tensor_parallel_size`` > 1 on GPUs spans that many ranks), and each engine generates for
-    its ``rollout_batch_size / engines`` prompts, whole groups, seeded by their index in the whole
-    batch. One all-gather then gives every rank the whole rollout, from which the advantages, the
-    metrics and the buffer are computed as on one rank; each rank trains on its
-    ``mini_batch_size / ranks`` sequences of every mini-batch.
+    ``tensor_parallel_size`` > 1 spans that many ranks), which generates its share of the prompts
+    (whole groups); all-gathers give every rank the whole rollout (see :meth:`_rollout`), and
+    each rank trains on its ``mini_batch_size / ranks`` sequences of every mini-batch.
 
     Args:
         engine: the rollout engine (``VLLMEngine`` or ``TransformersEngine``); its model defaults
@@ -73,7 +64,9 @@ class RolloutCallback(Callback):
         temperature: sampling temperature (the training log-probs use the same).
         top_p: nucleus sampling threshold.
         max_new_tokens: maximum response length.
-        advantage: ``"grpo"`` (group mean/std), ``"dr_grpo"`` (no std) or ``"rloo"``.
+        advantage: the advantage estimator: a built-in name (``"grpo"``, ``"dr_grpo"``,
+            ``"rloo"``, ``"reinforce_plus_plus_baseline"``) or an
+            :class:`~dgpo.advantages.AdvantageEstimator` (``class_path`` in YAML).
         seed: seed of sampling and of the mini-batch order; ``None`` (the default) follows the
             run's ``seed_everything``. Sample ``k`` of prompt ``i`` in epoch ``e`` draws from the
             stream ``(seed, e, i)`` (:func:`dgpo.seeding.derive_seed`), so no stream repeats
@@ -88,6 +81,22 @@ class RolloutCallback(Callback):
             engine/trainer mismatch; only at temperature 1, where they are the same distribution).
         ignore_eos: sample every response to ``max_new_tokens`` tokens, past end-of-sequence
             (fixed work per iteration, for benchmarks; not for training).
+        reward_timeout_s: seconds one reward call may take before the run stops with an error
+            naming the reward (``None``: no limit, the reward runs in the training thread).
+        dynamic_sampling: DAPO's dynamic sampling: groups whose rewards are all equal (no
+            learning signal) are dropped, and more prompts are drawn and generated until
+            ``rollout_batch_size`` groups with signal are kept or ``max_draws`` draws are done;
+            a batch still short is filled with groups without signal (zero advantages), with a
+            warning. The ``rollout/*`` metrics describe the trained batch; ``rollout/filter/*``
+            the filter.
+        max_draws: the most generation rounds per rollout with ``dynamic_sampling``.
+        mask_truncated: responses cut off at ``max_new_tokens`` are left out of the loss
+            (``rollout/masked_truncated`` counts them).
+        overlong_buffer: DAPO's soft overlong punishment: the last ``overlong_buffer`` share of
+            ``max_new_tokens`` is penalised linearly down to ``-overlong_penalty`` at the limit
+            (see :func:`~dgpo.rollout.groups.overlong_penalties`); ``None``: off. The reward's own
+            metrics (``rollout/reward/accuracy``) stay unshaped.
+        overlong_penalty: the penalty at ``max_new_tokens``.
 
     Raises:
         ValueError: for sizes that cannot work (checked before any model is loaded).
@@ -100,21 +109,26 @@ class RolloutCallback(Callback):
     def __init__(self, engine: RolloutEngine, reward: RewardFunction | None = None, n: int = 8,
                  rollout_batch_size: int = 16, mini_batch_size: int = 32, ppo_epochs: int = 1,
                  temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
-                 advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo", seed: int | None = None,
+                 advantage: AdvantageEstimator | str = "grpo", seed: int | None = None,
                  sync_tolerance: float = 0.05, sync_check_sequences: int = 2,
                  behaviour_logprobs: Literal["policy", "engine"] = "policy",
-                 ignore_eos: bool = False) -> None:
+                 ignore_eos: bool = False,
+                 reward_timeout_s: float | None = DEFAULT_REWARD_TIMEOUT_S,
+                 dynamic_sampling: bool = False, max_draws: int = 4,
+                 mask_truncated: bool = False, overlong_buffer: float | None = None,
+                 overlong_penalty: float = 1.0) -> None:
         super().__init__()
         for name, value in (("n", n), ("rollout_batch_size", rollout_batch_size),
                             ("mini_batch_size", mini_batch_size), ("ppo_epochs", ppo_epochs),
-                            ("sync_check_sequences", sync_check_sequences)):
+                            ("sync_check_sequences", sync_check_sequences),
+                            ("max_draws", max_draws)):
             if isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if advantage not in ESTIMATORS:
-            raise ValueError(f"advantage must be one of {list(ESTIMATORS)}, got {advantage!r}")
-        if advantage in GROUP_NORMALISED and n < 2:
-            raise ValueError(f"n={n} samples per prompt give the group-relative advantage "
-                             f"{advantage!r} no signal (every advantage is 0); use n >= 2")
+        estimator = resolve_advantage(advantage)
+        if n < estimator.min_group_size:
+            raise ValueError(f"n={n} samples per prompt give the advantage estimator "
+                             f"{type(estimator).__name__} no signal (it needs n >= "
+                             f"{estimator.min_group_size}); use n >= {estimator.min_group_size}")
         if (rollout_batch_size * n) % mini_batch_size:
             raise ValueError(f"mini_batch_size={mini_batch_size} must divide the rollout batch "
                              f"rollout_batch_size × n = {rollout_batch_size} × {n} = "
@@ -125,25 +139,37 @@ class RolloutCallback(Callback):
         if behaviour_logprobs == "engine" and temperature != 1.0:
             raise ValueError(f"behaviour_logprobs='engine' needs temperature=1.0 (the engine "
                              f"returns the raw model's log-probs), got temperature={temperature}")
+        if overlong_buffer is not None and not 0 < overlong_buffer <= 1:
+            raise ValueError(f"overlong_buffer must be a share of max_new_tokens in (0, 1] or "
+                             f"None, got {overlong_buffer!r}")
+        if not overlong_penalty >= 0:
+            raise ValueError(f"overlong_penalty must be >= 0, got {overlong_penalty!r}")
+        if seed is not None:
+            run_seed(seed)  # validates it
         self.behaviour_logprobs = behaviour_logprobs
         self.engine = engine
         self.reward = reward if reward is not None else MathVerifyReward()
+        self.reward_timeout_s = reward_timeout_s
         self.n = n
         self.rollout_batch_size = rollout_batch_size
         self.mini_batch_size = mini_batch_size
         self.ppo_epochs = ppo_epochs
-        if seed is not None:
-            run_seed(seed)  # validates it
         self.sampling = SamplingConfig(n=n, temperature=temperature, top_p=top_p,
                                        max_new_tokens=max_new_tokens, seed=seed,
                                        ignore_eos=ignore_eos)
-        self.advantage = advantage
+        self.advantage = estimator
         self.seed = seed
         self.sync_tolerance = sync_tolerance
         self.sync_check_sequences = sync_check_sequences
+        self.dynamic_sampling = dynamic_sampling
+        self.max_draws = max_draws if dynamic_sampling else 1
+        self.mask_truncated = mask_truncated
+        self.overlong_buffer = overlong_buffer
+        self.overlong_penalty = overlong_penalty
         self._train_started = 0.0
         self._ranks_per_engine = 1
-        self._prompt_range = (0, rollout_batch_size)
+        self._engines = 1
+        self._engine_index = 0
         self.last_rollout: RolloutRecord | None = None
         #: seconds per phase of the last rollout on this rank (weight_sync, generation, ...)
         self.last_timings: dict[str, float] = {}
@@ -164,6 +190,7 @@ class RolloutCallback(Callback):
         if datamodule is None or not hasattr(datamodule, "next_prompts"):
             raise ValueError("RolloutCallback needs a data module with next_prompts() and a "
                              "buffer, such as dgpo.data.RLVRDataModule")
+        start_reward(self.reward)  # a scorer that cannot score stops the run here
         # the run seed is known now (LightningCLI seeds before it instantiates the classes)
         self.sampling = replace(self.sampling, seed=run_seed(self.seed))
         self._shard_prompts(trainer.global_rank, trainer.world_size)
@@ -173,7 +200,7 @@ class RolloutCallback(Callback):
                                     world_size=trainer.world_size)
 
     def _shard_prompts(self, rank: int, world_size: int) -> None:
-        """Choose this rank's prompts: engine ``rank // ranks_per_engine`` of the engines."""
+        """Choose this rank's engine: ``rank // ranks_per_engine`` of the engines."""
         per_engine = self.engine.ranks_per_engine(world_size)
         if world_size % per_engine:
             raise ValueError(f"{world_size} ranks cannot be split into rollout engines of "
@@ -183,8 +210,8 @@ class RolloutCallback(Callback):
             raise ValueError(f"rollout_batch_size={self.rollout_batch_size} prompts cannot be "
                              f"split evenly over {engines} rollout engines ({world_size} ranks, "
                              f"{per_engine} per engine); make it a multiple of {engines}")
-        self._ranks_per_engine = per_engine
-        self._prompt_range = shard_bounds(self.rollout_batch_size, engines, rank // per_engine)
+        self._ranks_per_engine, self._engines = per_engine, engines
+        self._engine_index = rank // per_engine
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -199,207 +226,181 @@ class RolloutCallback(Callback):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.engine.close()
-        close = getattr(self.reward, "close", None)
-        if callable(close):
-            close()
+        close_reward(self.reward)
 
     # -------------------------------------------------------------------------------- rollout
     def _rollout(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """One RL iteration's rollout; with several ranks each engine serves its prompt shard.
+        """One RL iteration: generate and score, select groups, behaviour log-probs, buffer.
 
-        Every rank draws the same prompts; the ranks of engine ``e`` generate, score and compute
-        the behaviour log-probs of shard ``e`` (whole groups, so a group's ``n`` samples stay on
-        one engine). One all-gather then gives every rank the whole rollout, from which the group
-        advantages, the metrics and the buffer are computed exactly as on one rank.
+        Every rank draws the same prompts; engine ``e`` generates and scores shard ``e`` of each
+        draw (whole groups). An all-gather gives every rank the whole draw, so the selection of
+        groups (dynamic sampling), the advantages and the metrics are computed as on one rank;
+        each engine's ranks then compute the behaviour log-probs of their share of the selected
+        groups, gathered once more into the buffer.
         """
-        epoch = trainer.current_epoch
-        timings: dict[str, float] = {}
+        epoch, timings = trainer.current_epoch, {}
         start = time.perf_counter()
         self.engine.attach(pl_module.policy_for_engine(), pl_module.model_path)  # None: a copy
         self.engine.wake_up()
         self.engine.load_weights(pl_module.named_weights_for_engine())
         timings["weight_sync"] = time.perf_counter() - start
-
-        prompts = trainer.datamodule.next_prompts(self.rollout_batch_size)
-        first, stop = self._prompt_range
-        # one stream per (run seed, epoch, global prompt index): independent of the sharding
-        sampling = replace(self.sampling, stream=(epoch,), prompt_offset=first)
-        start = time.perf_counter()
-        completions = self.engine.generate([p.prompt_ids for p in prompts[first:stop]], sampling)
-        if first:
-            completions = [replace(c, prompt_index=c.prompt_index + first) for c in completions]
-        timings["generation"] = time.perf_counter() - start
-        samples = [RolloutSample(prompt_ids=prompts[c.prompt_index].prompt_ids,
-                                 response_ids=list(c.token_ids), advantage=0.0,
-                                 group=c.prompt_index) for c in completions]
-        start = time.perf_counter()
-        sync = self._check_sync(pl_module, samples, completions)
-        timings["sync_check"] = time.perf_counter() - start
+        draws: list[Draw] = []
+        for draw in range(self.max_draws):
+            prompts = trainer.datamodule.next_prompts(self.rollout_batch_size)
+            draws.append(self._generate(trainer, pl_module, prompts, epoch, draw, timings))
+            signal = torch.cat([has_signal(d.scores()) for d in draws])
+            if int(signal.sum()) >= self.rollout_batch_size:
+                break
         self.engine.sleep()
-
+        groups, filled = select_groups(signal.tolist(), self.rollout_batch_size)
+        if self.dynamic_sampling and filled:
+            rank_zero_warn(f"dynamic sampling kept {self.rollout_batch_size - filled} groups with "
+                           f"signal of {len(signal)} generated in {len(draws)} draws "
+                           f"(max_draws={self.max_draws}); {filled} groups without signal "
+                           "(zero advantages) fill the batch")
+        batch = Batch.select(draws, groups if self.dynamic_sampling else None, self.n)
         start = time.perf_counter()
-        answers = [prompts[c.prompt_index].answer for c in completions]
-        columns = _columns([prompts[c.prompt_index].columns for c in completions])
-        rewards = torch.tensor(self.reward([c.text for c in completions], answers, **columns),
-                               dtype=torch.float32)
-        timings["scoring"] = time.perf_counter() - start
-        for sample, reward in zip(samples, rewards, strict=True):
-            sample.reward = float(reward)
-        start = time.perf_counter()
-        deferrable = self._deferrable(trainer, pl_module, epoch, offset=first * self.n)
-        self._behaviour_logprobs(pl_module, samples, completions, deferrable)
+        self._behaviour_logprobs(trainer, pl_module, batch.samples, batch.completions, epoch)
         timings["logprobs"] = time.perf_counter() - start
         self.last_timings = timings
+        scores = torch.tensor([s.reward for s in batch.samples]).view(-1, self.n)
+        advantages = self.advantage(scores).flatten()
+        for sample, advantage in zip(batch.samples, advantages.tolist(), strict=True):
+            sample.advantage = advantage
+        trainer.datamodule.buffer.fill(batch.samples, epoch)
+        self.last_rollout = RolloutRecord(epoch, batch.prompts, batch.completions,
+                                          scores.flatten().tolist(), advantages.tolist(),
+                                          batch.reward.details)
+        filter_metrics = {"draws": len(draws), "groups_generated": len(signal),
+                          "groups_kept": int(signal.sum().clamp(max=self.rollout_batch_size)),
+                          "kept_fraction": float(signal.float().mean()), "filled_groups": filled}
+        self._log(pl_module, batch, draws, scores, filter_metrics, timings)
 
-        shard = _Shard(samples, completions, rewards.tolist(),
-                       getattr(self.reward, "details", list)(),
-                       getattr(self.reward, "metrics", dict)(), sync, timings)
-        whole = self._gather(shard, trainer.world_size)
-        self._raise_on_bad_sync(whole.sync)
-        advantages = compute_advantages(torch.tensor(whole.rewards, dtype=torch.float32)
-                                        .view(len(prompts), self.n), self.advantage).flatten()
-        for sample, advantage in zip(whole.samples, advantages, strict=True):
-            sample.advantage = float(advantage)
-        trainer.datamodule.buffer.fill(whole.samples, epoch)
-        details = whole.details if len(whole.details) == len(whole.completions) else []
-        self.last_rollout = RolloutRecord(epoch, prompts, whole.completions, whole.rewards,
-                                          advantages.tolist(), details)
-        self._log(pl_module, whole)
+    def _generate(self, trainer: Trainer, pl_module: LightningModule,
+                  prompts: list[PromptSample], epoch: int, draw: int,
+                  timings: dict[str, float]) -> Draw:
+        """Generate and score this engine's shard of one draw; return the whole (gathered) draw."""
+        first, stop = shard_bounds(len(prompts), self._engines, self._engine_index)
+        # one stream per (run seed, epoch[, draw], global prompt index): independent of sharding
+        stream = (epoch,) if draw == 0 else (epoch, draw)
+        sampling = replace(self.sampling, stream=stream, prompt_offset=first)
+        start = time.perf_counter()
+        completions = self.engine.generate([p.prompt_ids for p in prompts[first:stop]], sampling)
+        completions = [replace(c, prompt_index=c.prompt_index + first) for c in completions]
+        timings["generation"] = timings.get("generation", 0.0) + time.perf_counter() - start
+        samples = [RolloutSample(
+            prompt_ids=prompts[c.prompt_index].prompt_ids, response_ids=list(c.token_ids),
+            advantage=0.0, group=c.prompt_index, in_loss=not (self.mask_truncated and
+                                                              c.finish_reason == "length"),
+            rollout_logp=None if c.logprobs is None else torch.tensor(c.logprobs))
+            for c in completions]
+        sync = None
+        if draw == 0:
+            start = time.perf_counter()
+            sync = sync_gap(self.engine, pl_module, samples[:self.sync_check_sequences],
+                            completions[:self.sync_check_sequences])
+            timings["sync_check"] = time.perf_counter() - start
+        start = time.perf_counter()
+        reward = call_reward(self.reward, [c.text for c in completions],
+                             [prompts[c.prompt_index].answer for c in completions],
+                             _columns([prompts[c.prompt_index].columns for c in completions]),
+                             timeout_s=self.reward_timeout_s)
+        timings["scoring"] = timings.get("scoring", 0.0) + time.perf_counter() - start
+        shaped = reward.scores
+        if self.overlong_buffer is not None:
+            penalties = overlong_penalties([len(c.token_ids) for c in completions],
+                                           self.sampling.max_new_tokens, self.overlong_buffer,
+                                           self.overlong_penalty)
+            shaped = [score + penalty for score, penalty in zip(shaped, penalties, strict=True)]
+        for sample, score in zip(samples, shaped, strict=True):
+            sample.reward = score
+        shard = Draw(prompts, samples, [replace(c, logprobs=None) for c in completions],
+                      reward.scores, reward, sync)
+        parts = all_gather_objects(shard, trainer.world_size)[::self._ranks_per_engine]
+        whole = Draw.concat(parts)
+        if draw == 0:
+            check_sync(whole.sync, self.sync_tolerance)
+        return whole
 
-    def _deferrable(self, trainer: Trainer, pl_module: LightningModule, epoch: int,
-                    offset: int) -> set[int]:
-        """This shard's samples whose π_old can come from their training pass (no scoring).
+    def _deferrable(self, trainer: Trainer, pl_module: LightningModule, epoch: int) -> set[int]:
+        """Batch indices whose π_old can come from their training pass (no scoring).
 
-        The epoch's first mini-batch is trained on before any update, so its training log-probs
-        are exactly the policy's behaviour log-probs — when the module says so
-        (``can_defer_old_logp``: no dropout), and with one pass over the buffer (later passes
-        would need the first pass's values again).
+        The epoch's first mini-batch is trained on before any update — with one pass over the
+        buffer, and when the module can (``can_defer_old_logp``: no dropout).
         """
         if (self.behaviour_logprobs != "policy" or self.ppo_epochs > 1
                 or not pl_module.can_defer_old_logp):
             return set()
-        return {index - offset for index in trainer.datamodule.buffer.first_mini_batch(epoch)}
+        return set(trainer.datamodule.buffer.first_mini_batch(epoch))
 
-    def _behaviour_logprobs(self, pl_module: LightningModule, samples: list[RolloutSample],
-                            completions: list[Completion], deferrable: set[int]) -> None:
-        """Fill each sample's π_old (and reference) log-probs; mark the deferred ones."""
+    def _behaviour_logprobs(self, trainer: Trainer, pl_module: LightningModule,
+                            samples: list[RolloutSample], completions: list[Completion],
+                            epoch: int) -> None:
+        """Fill each sample's π_old (and reference) log-probs; mark the deferred ones.
+
+        Each engine's ranks score their share of the batch's groups (under FSDP every rank
+        takes part in every forward pass); one all-gather puts the results together.
+        """
+        first, stop = (bound * self.n for bound in shard_bounds(
+            len(samples) // self.n, self._engines, self._engine_index))
+        deferrable = self._deferrable(trainer, pl_module, epoch)
         if self.behaviour_logprobs == "engine":
-            behaviour = [torch.tensor(c.logprobs, dtype=torch.float32) for c in completions]
+            behaviour = [s.rollout_logp for s in samples[first:stop]]
         else:
-            scored = [i for i in range(len(samples)) if i not in deferrable]
-            behaviour = [None] * len(samples)
+            scored = [i for i in range(first, stop) if i not in deferrable]
+            behaviour = [None] * (stop - first)
             for index, logp in zip(scored, pl_module.score_samples([samples[i] for i in scored]),
                                    strict=True):
-                behaviour[index] = logp
-        for sample, logp in zip(samples, behaviour, strict=True):
-            sample.old_logp = logp
-            sample.defer_old_logp = logp is None
-        if pl_module.has_reference:
-            for sample, logp in zip(samples, pl_module.score_samples(samples, reference=True),
-                                    strict=True):
-                sample.ref_logp = logp
+                behaviour[index - first] = logp
+        reference = (pl_module.score_samples(samples[first:stop], reference=True)
+                     if pl_module.has_reference else [None] * (stop - first))
+        parts = all_gather_objects((behaviour, reference), trainer.world_size)
+        parts = parts[::self._ranks_per_engine]
+        behaviour = [logp for part in parts for logp in part[0]]
+        reference = [logp for part in parts for logp in part[1]]
+        for sample, old, ref in zip(samples, behaviour, reference, strict=True):
+            sample.old_logp, sample.defer_old_logp, sample.ref_logp = old, old is None, ref
 
-    def _gather(self, shard: _Shard, world_size: int) -> _Shard:
-        """The whole rollout from every engine's shard (the shard itself on one rank)."""
-        if world_size == 1:
-            return shard
-        shard.completions = [replace(c, logprobs=None) for c in shard.completions]  # not needed
-        parts = all_gather_objects(shard, world_size)[::self._ranks_per_engine]  # one per engine
-        diffs = [part.sync for part in parts]
-        count = sum(d["count"] for d in diffs)
-        return _Shard(
-            samples=[s for part in parts for s in part.samples],
-            completions=[c for part in parts for c in part.completions],
-            rewards=[r for part in parts for r in part.rewards],
-            details=[d for part in parts for d in part.details],
-            reward_metrics=reduce_reward_metrics([(part.reward_metrics, len(part.rewards))
-                                                  for part in parts]),
-            sync={"max": max(d["max"] for d in diffs), "sum": sum(d["sum"] for d in diffs),
-                  "count": count, "mean": sum(d["sum"] for d in diffs) / max(count, 1)},
-            timings={key: max(part.timings[key] for part in parts) for key in shard.timings})
-
-    def _check_sync(self, pl_module: LightningModule, samples: list[RolloutSample],
-                    completions: list[Completion]) -> dict:
-        """Compare the engine's and the policy's log-probs on a few sampled sequences.
-
-        The engine's side is the raw log-probs it reported while sampling them (computed with the
-        weights just pushed), so the check costs one small policy forward pass; an engine that
-        reports none is asked to score the sequences.
-        """
-        picked = samples[:self.sync_check_sequences]
-        reported = [c.logprobs for c in completions[:len(picked)]]
-        if all(r is not None and len(r) == len(s.response_ids)
-               for r, s in zip(reported, picked, strict=True)):
-            engine_logp = [list(r) for r in reported]
-        else:
-            engine_logp = [row[len(s.prompt_ids) - 1:] for s, row in zip(
-                picked, self.engine.score([s.prompt_ids + s.response_ids for s in picked]),
-                strict=True)]
-        policy_logp = pl_module.score_samples(picked, temperature=1.0)
-        diffs = []
-        for engine_row, policy_row in zip(engine_logp, policy_logp, strict=True):
-            response = torch.tensor(engine_row, dtype=torch.float32)
-            diffs.append((response - policy_row).abs())
-        diff = torch.cat(diffs) if diffs else torch.zeros(1)
-        return {"max": float(diff.max()), "mean": float(diff.mean()), "sum": float(diff.sum()),
-                "count": diff.numel()}
-
-    def _raise_on_bad_sync(self, sync: dict[str, float]) -> None:
-        """Stop the run (on every rank alike) when the engine's weights did not arrive."""
-        if not sync["mean"] <= self.sync_tolerance:  # NaN fails too
-            raise RuntimeError(
-                f"rollout engine and policy disagree after the weight push: mean |Δ log p| = "
-                f"{sync['mean']:.4g} > sync_tolerance={self.sync_tolerance} (max "
-                f"{sync['max']:.4g}); the engine's weights were probably not updated")
-
-    def _log(self, pl_module: LightningModule, whole: _Shard) -> None:
-        completions, timings = whole.completions, whole.timings
-        rewards = torch.tensor(whole.rewards, dtype=torch.float32)
+    def _log(self, pl_module: LightningModule, batch: Batch, draws: list[Draw],
+             scores: torch.Tensor, filter_metrics: dict[str, float],
+             timings: dict[str, float]) -> None:
+        completions = batch.completions
         lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
         truncated = torch.tensor([c.finish_reason == "length" for c in completions],
                                  dtype=torch.float32)
-        correct = _correctness(whole.details, rewards).view(-1, self.n)
+        rewards = scores.flatten()
+        sync = draws[0].sync
         metrics = {
             "rollout/reward_mean": rewards.mean(),
             "rollout/reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
             "rollout/response_length_mean": lengths.mean(),
             "rollout/response_length_max": lengths.max(),
             "rollout/truncated_fraction": truncated.mean(),
-            "rollout/sync_logp_diff_max": torch.tensor(whole.sync["max"]),
-            "rollout/sync_logp_diff_mean": torch.tensor(whole.sync["mean"]),
+            "rollout/sync_logp_diff_max": torch.tensor(sync["max"]),
+            "rollout/sync_logp_diff_mean": torch.tensor(sync["mean"]),
             "rollout/tokens_per_second": lengths.sum() / max(timings["generation"], 1e-9),
         }
-        metrics.update({f"rollout/{k}": torch.tensor(float(v))
-                        for k, v in group_stats(correct).items()})
+        if self.mask_truncated:
+            metrics["rollout/masked_truncated"] = truncated.sum()
+        if self.overlong_buffer is not None:
+            metrics["rollout/reward_unshaped_mean"] = torch.tensor(batch.reward.scores).mean()
+        correct = correctness(batch.reward.correct, scores)
+        stats = group_stats(correct, scores) if correct is not None else {
+            "zero_variance": float((~has_signal(scores)).float().mean())}
+        metrics.update({f"rollout/{k}": torch.tensor(float(v)) for k, v in stats.items()})
+        if self.dynamic_sampling:
+            metrics.update({f"rollout/filter/{k}": torch.tensor(float(v))
+                            for k, v in filter_metrics.items()})
+        # the reward's own metrics cover every scored sample of the epoch (all draws)
+        reward = concat_reward_outputs([d.reward for d in draws])
         metrics.update({f"rollout/reward/{k}": torch.tensor(float(v))
-                        for k, v in whole.reward_metrics.items()})
+                        for k, v in reward.metrics.items()})
         metrics.update({f"time/{k}_seconds": torch.tensor(v) for k, v in timings.items()})
         for name, value in metrics.items():
             # The values are already global (the same on every rank): syncing them is a no-op
             # that keeps Lightning from warning about unsynced epoch metrics.
             pl_module.log(name, value, on_epoch=True, on_step=False, sync_dist=True,
                           prog_bar=name == "rollout/reward_mean")
-
-
-@dataclass
-class _Shard:
-    """One engine's part of a rollout (or, after :meth:`RolloutCallback._gather`, the whole)."""
-
-    samples: list[RolloutSample]
-    completions: list[Completion]
-    rewards: list[float]
-    details: list[dict[str, Any]]
-    reward_metrics: dict[str, float]
-    sync: dict[str, float]
-    timings: dict[str, float]
-
-
-def _correctness(details: list[dict[str, Any]], rewards: torch.Tensor) -> torch.Tensor:
-    """Per-sample correctness: the reward's own ``details()`` statuses, else ``reward > 0``."""
-    statuses = [d.get("status") for d in details]
-    if len(statuses) == rewards.numel():
-        return torch.tensor([status == "correct" for status in statuses])
-    return rewards > 0
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:

@@ -10,7 +10,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from typing_extensions import override
 
-from dgpo.rollout.callback import RolloutCallback, RolloutRecord
+from dgpo.rollout.callback import RolloutCallback
+from dgpo.rollout.groups import RolloutRecord
 
 #: The table's columns, in order.
 COLUMNS = ("epoch", "prompt", "completion", "answer", "parsed_answer", "reward", "advantage",
