@@ -180,3 +180,8 @@ def quiet_console() -> RunLog:
     root.setLevel(logging.INFO)
     return run_log
 
+
+
+def is_quiet() -> bool:
+    """Whether :func:`quiet_console` is in effect (a :class:`RunLog` on the root logger)."""
+    return any(isinstance(handler, RunLog) for handler in logging.getLogger().handlers)
