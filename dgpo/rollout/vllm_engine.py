@@ -183,7 +183,7 @@ class VLLMEngine(RolloutEngine):
                                       "VLLM_CPU_KVCACHE_SPACE": None}
         self._owns_process_group = not torch.distributed.is_initialized()
         world = 1 if self._owns_process_group else torch.distributed.get_world_size()
-        if world > 1:  # scale-out (issue 7): one engine per rank (or per TP group of ranks)
+        if world > 1:  # scale-out: one engine per rank (or per TP group of ranks)
             self._external_launcher = not self._on_cpu
             if self._on_cpu and self.tensor_parallel_size > 1:
                 raise ValueError("tensor_parallel_size > 1 is not supported with several CPU "
