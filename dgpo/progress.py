@@ -65,6 +65,11 @@ class EpochSummary(Callback):
         path = self.run_log.open(folder, trainer.global_rank, trainer.world_size)
         self._print(trainer, f"full log: {path}")
 
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Close the run's log file; later records wait in memory for the next run's."""
+        if self.run_log is not None:
+            self.run_log.close_file()
+
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Note that an epoch ended; its line waits for the module's epoch-end metrics."""
         self._ended_epoch = trainer.current_epoch
