@@ -15,11 +15,14 @@ its INFO records from its console handler to the log file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import tempfile
 import warnings
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +188,35 @@ def quiet_console() -> RunLog:
 def is_quiet() -> bool:
     """Whether :func:`quiet_console` is in effect (a :class:`RunLog` on the root logger)."""
     return any(isinstance(handler, RunLog) for handler in logging.getLogger().handlers)
+
+
+@contextlib.contextmanager
+def native_stderr_to_log(name: str) -> Iterator[None]:
+    """While quiet, send what is written to file descriptor 2 in the block to the log.
+
+    For native code that prints past Python's logging (vLLM's CPU worker start prints a C++
+    "NUMA binding" warning). Each line becomes a record of logger ``name``: WARNING, or ERROR (so
+    also on the console) when the block raises. Not quiet: nothing changes.
+    """
+    if not is_quiet():
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    failed = False
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            level = logging.ERROR if failed else logging.WARNING
+            for line in capture.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    logging.getLogger(name).log(level, line)

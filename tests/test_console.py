@@ -1,5 +1,6 @@
 """The console of a run: quiet by default (progress, a line per epoch), all with --verbose."""
 
+import logging
 import os
 import re
 import subprocess
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 
 from dgpo.cli import main
-from dgpo.console import split_verbose
+from dgpo.console import RunLog, native_stderr_to_log, split_verbose
 from dgpo.progress import summary_line
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,3 +85,24 @@ def test_cli_help_names_dgpo_and_only_its_subcommands(capsys):
     assert text.startswith("usage: dgpo ")
     assert "{fit,validate,test}" in text and "predict" not in text
     assert "--verbose" in text
+
+
+def test_console_native_stderr_goes_to_the_run_log_while_quiet(tmp_path, capfd):
+    root = logging.getLogger()
+    run_log = RunLog()
+    root.addHandler(run_log)
+    try:
+        path = run_log.open(tmp_path)
+        with native_stderr_to_log("native"):
+            os.write(2, b"[W utils.cpp:68] Warning: NUMA binding\n")
+        with pytest.raises(RuntimeError), native_stderr_to_log("native"):
+            os.write(2, b"fatal: no memory\n")
+            raise RuntimeError("start failed")
+    finally:
+        root.removeHandler(run_log)
+        run_log.close()
+    logged = path.read_text().splitlines()
+    assert [line.split(" ", 2)[2] for line in logged] == [
+        "WARNING native: [W utils.cpp:68] Warning: NUMA binding",
+        "ERROR native: fatal: no memory"]
+    assert "NUMA" not in capfd.readouterr().err

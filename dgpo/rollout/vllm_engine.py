@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch.utilities.seed import isolate_rng
 
-from dgpo.console import is_quiet
+from dgpo.console import is_quiet, native_stderr_to_log
 from dgpo.models import resolve_model
 from dgpo.rollout.engine import Completion, RolloutEngine, SamplingConfig, check_prompts
 
@@ -192,7 +192,7 @@ class VLLMEngine(RolloutEngine):
                 kwargs["distributed_executor_backend"] = "external_launcher"
                 env.update(RANK=str(torch.distributed.get_rank()), WORLD_SIZE=str(world),
                            LOCAL_RANK=str(torch.cuda.current_device()))
-        with _environment(env), isolate_rng():
+        with _environment(env), isolate_rng(), native_stderr_to_log(__name__):
             self._llm = vllm.LLM(**kwargs)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
