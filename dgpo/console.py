@@ -10,7 +10,12 @@ the command line, or ``DGPO_VERBOSE=1``) leaves every library's output as it is.
 Each library is told at its own switch: vLLM by ``VLLM_CONFIGURE_LOGGING=0`` (set before vLLM is
 imported, so it installs no console handler; an explicit value in the environment wins),
 transformers and huggingface_hub by their progress-bar and handler switches, Lightning by moving
-its INFO records from its console handler to the log file.
+its INFO records from its console handler to the log file (and ``dgpo.cli`` turns its model summary
+off), vLLM's progress bars by ``VLLMEngine(progress_bar=None)``, and native code that writes to
+the process's stderr while vLLM starts by :func:`native_stderr_to_log`.
+
+``--verbose`` is dgpo's bare flag, removed before LightningCLI parses the command line; the
+``verbose`` argument of Lightning's ``validate``/``test`` stays reachable as ``--verbose=false``.
 """
 
 from __future__ import annotations
