@@ -50,6 +50,9 @@ HARMLESS_WARNINGS = (
     r"Found \d+ module\(s\) in eval mode at the start of training",
     # dgpo logs per epoch; the step loss is in the progress bar
     r"The number of training batches \(\d+\) is smaller than the logging interval",
+    # `test --ckpt_path` of another run: evaluation needs the weights, not the checkpoint callback's
+    # best-k bookkeeping
+    r"The dirpath has changed from .* therefore `best_model_score`",
     # deprecations inside Lightning and vLLM, not in dgpo's code
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
     r"`torch\.distributed\.reduce_op` is deprecated",
