@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from dgpo.console import VERBOSE_HELP, quiet_console, split_verbose
 from dgpo.data import RLVRDataModule
 from dgpo.module import RLVRModule
+from dgpo.progress import EpochSummary
 from dgpo.rollout import RolloutCallback, RolloutEngine
+
+SUBCOMMANDS = ("fit", "validate", "test")
+PROG = "dgpo"
+DESCRIPTION = "dgpo: reinforcement learning with verifiable rewards on LLMs (DGPO and peer losses)"
 
 
 class DGPOCLI(LightningCLI):
@@ -26,7 +34,10 @@ class DGPOCLI(LightningCLI):
 
     The data module receives the module's tokenizer explicitly.
 
-    ``validate``/``test``/``predict`` with ``--ckpt_path`` take only the weights from the
+    Subcommands: ``fit``, ``validate`` and ``test`` (Lightning's ``predict`` is not offered).
+    Every trainer gets ``epoch_summary`` as its first callback.
+
+    ``validate``/``test`` with ``--ckpt_path`` take only the weights from the
     checkpoint: the config and the command line say how to evaluate. (LightningCLI would
     otherwise parse the checkpoint's hyperparameters over them, silently replacing, e.g.,
     ``--model.evaluation.k`` with the training run's value.) ``fit --ckpt_path`` resumes with the
@@ -45,10 +56,63 @@ class DGPOCLI(LightningCLI):
         parser.link_arguments("rollout.temperature", "model.temperature")
         parser.link_arguments("model", "data.tokenizer", apply_on="instantiate",
                               compute_fn=_tokenizer)
+    def __init__(self, *args: Any, epoch_summary: EpochSummary, **kwargs: Any) -> None:
+        self.epoch_summary = epoch_summary
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands that dgpo implements, with the arguments each skips."""
+        lightning = LightningCLI.subcommands()
+        return {name: lightning[name] for name in SUBCOMMANDS}
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's trainer, with the epoch summary before every other callback."""
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.insert(0, self.epoch_summary)
+        return trainer
+
+    def instantiate_classes(self) -> None:
+        """Build the objects; a bad value's own message comes first (see :func:`reason_first`)."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            reason = reason_first(error)
+            if reason is None:
+                raise
+            raise ConfigError(reason) from error
 
     def _parse_ckpt_path(self) -> None:
         if self.config.get("subcommand") in (None, "fit"):
             super()._parse_ckpt_path()
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, its reason first (the command line exits 2)."""
+
+
+def reason_first(error: ValueError) -> str | None:
+    r"""The message of a jsonargparse Union failure with the real reason on its first line.
+
+    A bad value for a ``PolicyLoss | str | None`` argument (``--model.loss.init_args.clip_low
+    2``) fails every branch of the Union, and jsonargparse's message opens with "Does not
+    validate against any of the Union subtypes", the class's own error further down. This puts
+    the errors that are not mere type mismatches first; ``None`` for any other error.
+
+    Example:
+        >>> reason_first(ValueError("Does not validate against any of the Union subtypes\n"
+        ...     "Errors:\n  - clip_low must be in (0.0, 1.0), got 2.0\n"
+        ...     "  - Expected a <class 'str'>")).splitlines()[0]
+        'clip_low must be in (0.0, 1.0), got 2.0'
+    """
+    text = str(error)
+    if not text.startswith("Does not validate against any of the Union subtypes"):
+        return None
+    reasons = [line.strip()[2:] for line in text.splitlines()
+               if line.strip().startswith("- ") and not line.strip().startswith("- Expected a")]
+    if not reasons:
+        return None
+    return "\n".join([*reasons, "", f"(jsonargparse: {text})"])
 
 
 def _ranks_per_engine(engine: RolloutEngine) -> Any:
@@ -63,10 +127,27 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DG
     """Run the CLI (``args`` as on the command line; ``None`` reads ``sys.argv``).
 
     Environment variables for an in-process vLLM engine on CPU are set here, and only here,
-    unless the caller already set them.
+    unless the caller already set them. The console is quiet (see :mod:`dgpo.console`) unless
+    ``--verbose`` is among the arguments or ``DGPO_VERBOSE=1``.
     """
+    command_line = args is None
+    if args is None:  # drop --verbose from sys.argv, which LightningCLI then reads
+        verbose, rest = split_verbose(sys.argv[1:])
+        sys.argv[1:] = rest
+    else:
+        verbose, args = split_verbose(args)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return _cli(args, run, verbose)
+    except ConfigError as error:  # on the command line: the reason, like a parse error
+        if not command_line:
+            raise
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _cli(args: list[str] | dict[str, Any] | None, run: bool, verbose: bool) -> DGPOCLI:
     return DGPOCLI(
         RLVRModule,
         RLVRDataModule,
@@ -75,7 +156,10 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DG
         auto_configure_optimizers=False,
         trainer_defaults={"plugins": [{"class_path": "dgpo.checkpoint.AtomicCheckpointIO"}],
                           # the rollout buffer shards each mini-batch over the ranks itself
-                          "use_distributed_sampler": False},
+                          "use_distributed_sampler": False,
+                          "enable_model_summary": verbose},
+        parser_kwargs={"prog": PROG, "description": DESCRIPTION, "epilog": VERBOSE_HELP},
         args=args,
         run=run,
+        epoch_summary=EpochSummary(None if verbose else quiet_console()),
     )

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -283,15 +284,25 @@ def build_smollm2(folder: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"Converting SmolLM2 needs the gguf package: {SMOLLM2_INSTALL_HINT}")
     import torch
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.utils import logging as hf_logging
 
     config = AutoConfig.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.float32
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(gguf_file), return_tensors=True, model_to_load=model)
+    # transformers' GGUF loader draws its bar with plain tqdm, which ignores transformers'
+    # progress-bar switch (dgpo's quiet console turns it off): honour the switch here.
+    bar = gguf_utils.tqdm
+    if not hf_logging.is_progress_bar_enabled():
+        gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        tensors = gguf_utils.load_gguf_checkpoint(str(gguf_file), return_tensors=True,
+                                                  model_to_load=model)
+    finally:
+        gguf_utils.tqdm = bar
     state = {
         name: torch.as_tensor(t, dtype=torch.float32) for name, t in tensors["tensors"].items()
     }

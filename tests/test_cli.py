@@ -309,3 +309,17 @@ def test_sharded_scoring_makes_as_many_forward_passes_as_the_busiest_rank(tiny_m
     assert len(got) == samples
     for value, reference in zip(got, expected, strict=True):
         torch.testing.assert_close(value, reference)
+
+
+def test_cli_bad_loss_hyperparameter_puts_its_reason_on_the_first_line(tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "dgpo", "fit", "--config", str(REPO / "configs" / "tiny.yaml"),
+               "--model.loss.init_args.clip_low", "2.0"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[0] == "dgpo: error: clip_low must be in (0.0, 1.0), got 2.0"
+    with pytest.raises(ValueError, match=r"^clip_low must be in \(0.0, 1.0\), got 2.0\n"):
+        main(["fit", "--config", str(REPO / "configs" / "tiny.yaml"),
+              "--model.loss.init_args.clip_low", "2.0"])

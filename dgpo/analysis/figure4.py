@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from dgpo.analysis.figure4_plots import (
     plot_scatter_grid,
 )
 from dgpo.analysis.load import RecordedRun, load_runs
+from dgpo.analysis.method_tokens import MethodTokens
 from dgpo.analysis.weights import METHOD_LABELS, WEIGHT_KINDS, WeightKind, check_kind
 from dgpo.losses import REGION_NAMES
 
@@ -38,34 +38,6 @@ if TYPE_CHECKING:
 
 #: The methods of the paper's Figure 4.
 FIGURE4_METHODS: tuple[str, ...] = ("grpo", "gppo", "dgpo")
-
-
-@dataclass
-class MethodTokens:
-    """One method's column of Figure 4: tokens and the weight the method gave each of them.
-
-    Attributes:
-        method: the method's name (``"grpo"``, ...).
-        label: display name; says whose tokens when the weight is counterfactual.
-        tokens: the recorded tokens (see :data:`dgpo.analysis.schema.COLUMNS`).
-        weight: the method's weight per token, expressed as ``kind``.
-        kind: ``"relative"``, ``"prob"`` or ``"logprob"`` (see :mod:`dgpo.analysis.weights`).
-        counterfactual: the method did not train on these tokens; ``weight`` is what it would
-            have applied.
-        clip_low: ε_l of the run (``None``: no lower boundary).
-        clip_high: ε_h of the run.
-        hparams: the method's hyper-parameters as recorded (to draw its analytic curve).
-    """
-
-    method: str
-    label: str
-    tokens: pd.DataFrame
-    weight: np.ndarray
-    kind: str
-    counterfactual: bool
-    clip_low: float | None
-    clip_high: float
-    hparams: dict[str, Any] = field(default_factory=dict)
 
 
 def method_tokens(runs: Sequence[RecordedRun], methods: Sequence[str] = FIGURE4_METHODS,

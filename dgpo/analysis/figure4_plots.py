@@ -1,4 +1,4 @@
-"""The three panels of Figure 4, drawn from :class:`~dgpo.analysis.figure4.MethodTokens`.
+"""The three panels of Figure 4, drawn from :class:`~dgpo.analysis.method_tokens.MethodTokens`.
 
 Weights are drawn on a log axis; a weight of exactly 0 (GRPO past the boundaries) is drawn at a
 floor one decade below the smallest positive weight, labelled "0".
@@ -11,14 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dgpo.analysis.method_tokens import MethodTokens
 from dgpo.analysis.weights import WEIGHT_LABELS, weight_curve
 from dgpo.losses import LOSSES, REGION_NAMES, build_loss
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure, SubFigure
-
-    from dgpo.analysis.figure4 import MethodTokens
 
 OUTSIDE_MARKER = "^"
 #: Advantage colours: blue negative, red positive, yellow near 0 (visible on white).

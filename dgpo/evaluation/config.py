@@ -20,15 +20,17 @@ class EvalConfig:
         ValueError: If a field is out of range, or a Pass@k asks for more than ``k`` samples.
 
     Example:
-        >>> EvalConfig(k=4, pass_k=[1, 4]).metric_names
+        >>> EvalConfig(k=4).metric_names
         ['avg@4', 'pass@1', 'pass@4', 'maj@4']
+        >>> EvalConfig(k=4, pass_k=[2]).metric_names
+        ['avg@4', 'pass@2', 'maj@4']
 
     """
 
     k: int = 32
     """Samples per problem: the k of Avg@k and Maj@k."""
     pass_k: list[int] | None = None
-    """The k values of the reported Pass@k, each <= ``k``; None means ``[k]``."""
+    """The k values of the reported Pass@k, each <= ``k``; None means ``[1, k]``."""
     temperature: float = 0.6
     """Sampling temperature (0: greedy, then every sample is the same)."""
     top_p: float = 0.95
@@ -71,8 +73,8 @@ class EvalConfig:
 
     @property
     def pass_ks(self) -> list[int]:
-        """The k values of Pass@k (``pass_k``, or ``[k]``)."""
-        return list(self.pass_k) if self.pass_k is not None else [self.k]
+        """The k values of Pass@k (``pass_k``, or ``[1, k]`` when it is None)."""
+        return list(self.pass_k) if self.pass_k is not None else sorted({1, self.k})
 
     @property
     def metric_names(self) -> list[str]:

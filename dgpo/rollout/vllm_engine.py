@@ -7,15 +7,15 @@ import gc
 import itertools
 import logging
 import os
-import random
 import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
+from lightning.pytorch.utilities.seed import isolate_rng
 
+from dgpo.console import is_quiet, native_stderr_to_log
 from dgpo.models import resolve_model
 from dgpo.rollout.engine import Completion, RolloutEngine, SamplingConfig, check_prompts
 
@@ -64,7 +64,8 @@ class VLLMEngine(RolloutEngine):
         kv_cache_space_gib: KV cache size on CPU, in GiB (> 0; ignored on GPU).
         enforce_eager: skip CUDA graphs and torch.compile (fast start).
         seed: vLLM's engine seed (for unseeded sampling).
-        progress_bar: show vLLM's progress bar while generating.
+        progress_bar: show vLLM's progress bars (loading, generating); None: only when dgpo's
+            console is not quiet (``--verbose``, see :mod:`dgpo.console`).
 
     Raises:
         ValueError: if an argument is outside its allowed values.
@@ -87,7 +88,7 @@ class VLLMEngine(RolloutEngine):
         kv_cache_space_gib: float = 1.0,
         enforce_eager: bool = True,
         seed: int = 0,
-        progress_bar: bool = True,
+        progress_bar: bool | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
@@ -102,7 +103,7 @@ class VLLMEngine(RolloutEngine):
         if not kv_cache_space_gib > 0:
             raise ValueError(f"kv_cache_space_gib must be > 0, got {kv_cache_space_gib!r}.")
         self.model = model
-        self.progress_bar = progress_bar
+        self.progress_bar = not is_quiet() if progress_bar is None else progress_bar
         self.dtype = dtype
         self.gpu_memory_utilization = gpu_memory_utilization
         self.enable_sleep_mode = enable_sleep_mode
@@ -167,6 +168,7 @@ class VLLMEngine(RolloutEngine):
             "tensor_parallel_size": self.tensor_parallel_size,
             "logprobs_mode": "raw_logprobs",
             "disable_log_stats": True,
+            "use_tqdm_on_load": self.progress_bar,
         }
         if self._on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(self.kv_cache_space_gib * 2**30)
@@ -181,7 +183,7 @@ class VLLMEngine(RolloutEngine):
                                       "VLLM_CPU_KVCACHE_SPACE": None}
         self._owns_process_group = not torch.distributed.is_initialized()
         world = 1 if self._owns_process_group else torch.distributed.get_world_size()
-        if world > 1:  # scale-out (issue 7): one engine per rank (or per TP group of ranks)
+        if world > 1:  # scale-out: one engine per rank (or per TP group of ranks)
             self._external_launcher = not self._on_cpu
             if self._on_cpu and self.tensor_parallel_size > 1:
                 raise ValueError("tensor_parallel_size > 1 is not supported with several CPU "
@@ -190,7 +192,7 @@ class VLLMEngine(RolloutEngine):
                 kwargs["distributed_executor_backend"] = "external_launcher"
                 env.update(RANK=str(torch.distributed.get_rank()), WORLD_SIZE=str(world),
                            LOCAL_RANK=str(torch.cuda.current_device()))
-        with _environment(env), _preserved_rng():
+        with _environment(env), isolate_rng(), native_stderr_to_log(__name__):
             self._llm = vllm.LLM(**kwargs)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig) -> list[Completion]:
@@ -457,17 +459,3 @@ def _default_process_group_kept(keep: bool) -> Iterator[None]:
         yield
     finally:
         torch.distributed.destroy_process_group = destroy
-
-
-@contextlib.contextmanager
-def _preserved_rng() -> Iterator[None]:
-    """Restore the ``random``, NumPy and torch RNG states that vLLM reseeds while starting."""
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
