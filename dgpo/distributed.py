@@ -17,12 +17,14 @@ Every function is a no-op (or the plain single-process computation) on one rank.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
 from torch.nn import Module
+from torchmetrics import MeanMetric
 
 from dgpo.rewards.base import REDUCTIONS, Reduction, RewardOutput
 
@@ -157,44 +159,39 @@ def _reduce(how: Reduction, pairs: list[tuple[float, int]]) -> float:
 
 
 class TokenMeans:
-    """Token-weighted means accumulated over an epoch and reduced over ranks as (sum, count).
+    """Token-weighted means over an epoch, one torchmetrics ``MeanMetric`` per name.
 
-    Lightning's ``sync_dist`` of a ``batch_size``-weighted mean averages an integer
-    ``cumulated_batch_size`` over ranks and truncates it (gloo), so its epoch values can be off
-    (a fraction of 1.004); this keeps float64 sums and counts and reduces them exactly.
+    torchmetrics keeps each mean as a weighted (sum, weight) state and sums those over the ranks
+    when it computes, which is exact: Lightning's ``sync_dist`` of a ``batch_size``-weighted mean
+    averages an integer ``cumulated_batch_size`` over ranks and truncates it (gloo), so its epoch
+    values can be off (a fraction of 1.004). States are float64, and NaN is kept, never dropped.
 
     Example:
         >>> means = TokenMeans()
         >>> means.update("train/ratio/mean", torch.tensor(1.0), 3)
         >>> means.update("train/ratio/mean", torch.tensor(2.0), 1)
-        >>> means.compute(lambda pairs: pairs)
+        >>> means.compute()
         {'train/ratio/mean': tensor(1.2500)}
     """
 
     def __init__(self) -> None:
-        self._pairs: dict[str, Tensor] = {}
+        self.means: dict[str, MeanMetric] = {}
 
     def update(self, name: str, value: Tensor, count: int) -> None:
         """Add ``count`` tokens whose mean is ``value``."""
-        pair = self._pairs.get(name)
-        if pair is None:
-            pair = self._pairs[name] = torch.zeros(2, dtype=torch.float64, device=value.device)
-        pair[0] += value.detach().double() * count
-        pair[1] += count
+        metric = self.means.get(name)
+        if metric is None:
+            # nan_strategy=NaN keeps a NaN as NaN ("disable" would also drop the weights in
+            # torchmetrics 1.9, "warn"/"ignore" would drop the NaN)
+            metric = MeanMetric(nan_strategy=math.nan).set_dtype(torch.float64)
+            metric = self.means[name] = metric.to(value.device)
+        metric.update(value.detach().double(), weight=float(count))
 
-    def compute(self, reduce_sum: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
-        """The means over all ranks, then start over (a collective when ``reduce_sum`` is one).
-
-        Args:
-            reduce_sum: sums a tensor over the ranks (``strategy.reduce(t, reduce_op="sum")``).
-        """
-        names = sorted(self._pairs)
-        if not names:
-            return {}
-        pairs = reduce_sum(torch.stack([self._pairs[name] for name in names]))
-        self._pairs = {}
-        return {name: (total / count.clamp(min=1)).float()
-                for name, (total, count) in zip(names, pairs, strict=True)}
+    def compute(self) -> dict[str, Tensor]:
+        """The means over all ranks (a collective under torch.distributed), then start over."""
+        means = {name: self.means[name].compute().float() for name in sorted(self.means)}
+        self.means = {}
+        return means
 
 
 def clean_name(name: str) -> str:

@@ -367,8 +367,7 @@ class RLVRModule(PolicyScoring, EvaluationHooks, LightningModule):
 
     def on_train_epoch_end(self) -> None:
         """Log the epoch's token-weighted train metrics, reduced over all ranks."""
-        reduce = lambda pairs: self.trainer.strategy.reduce(pairs, reduce_op="sum")  # noqa: E731
-        for name, value in self._token_means.compute(reduce).items():
+        for name, value in self._token_means.compute().items():
             self.log(name, value, sync_dist=True)  # the same value on every rank
 
     # ------------------------------------------------------------------------------ optimisers

@@ -11,13 +11,17 @@ import torch
 import yaml
 
 from dgpo.cli import main
+from dgpo.losses import loss_config
+from dgpo.module import RLVRModule
 from tests.conftest import requires_vllm
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
 
 EXPECTED_METRICS = [
-    "rollout/reward_mean", "rollout/reward_std", "rollout/solve_all", "rollout/solve_none",
+    # the tests' dense reward has no notion of correctness: zero_variance, no solve_all/none
+    "rollout/reward_mean", "rollout/reward_std", "rollout/zero_variance", "train/policy_loss",
+    "train/skipped_steps",
     "rollout/response_length_mean", "rollout/response_length_max", "rollout/truncated_fraction",
     "rollout/sync_logp_diff_max", "rollout/tokens_per_second", "train/entropy",
     "train/region/IN", "train/region/LN", "train/region/LP", "train/region/HN", "train/region/HP",
@@ -90,6 +94,14 @@ def test_cli_fit_two_epochs_trains_logs_and_checkpoints(tmp_path, tiny_model_pat
     assert (directory / "config.yaml").is_file()
     checkpoint = torch.load(directory / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["epoch"] == 1 and "RLVRDataModule" in checkpoint
+    assert "rollout/solve_all" not in metrics.columns
+    # the trained loss (class and hyper-parameters) comes back with the checkpoint
+    restored = RLVRModule.load_from_checkpoint(directory / "checkpoints" / "last.ckpt")
+    assert repr(restored.loss_fn) == repr(cli.model.loss_fn)
+    assert loss_config(restored.loss_fn) == {
+        "class_path": "dgpo.losses.dgpo.DGPOLoss",
+        "init_args": {"clip_low": 0.2, "clip_high": 0.2, "agg": "token-mean",
+                      "norm_length": None, "n": 1.0, "m": 2.0}}
 
 
 def test_cli_trains_a_user_loss_from_class_path(tmp_path, tiny_model_path):

@@ -83,11 +83,14 @@ def test_token_means_reduce_sums_and_counts_not_means():
     ranks[0].update("train/ratio/mean", torch.tensor(1.0), 1)  # 1 token
     ranks[1].update("train/ratio/mean", torch.tensor(2.0), 3)  # 3 tokens
     ranks[1].update("train/ratio/mean", torch.tensor(4.0), 1)
-    pairs = [torch.stack([means._pairs[name] for name in sorted(means._pairs)]) for means in ranks]
-    total = pairs[0] + pairs[1]  # what an all-reduce (sum) gives every rank
-    means = ranks[0].compute(lambda _: total)
+    # what torchmetrics' sync does on every rank: sum the (value·weight, weight) states
+    ranks[0].means["train/ratio/mean"].merge_state(ranks[1].means["train/ratio/mean"])
+    means = ranks[0].compute()
     assert means["train/ratio/mean"].item() == pytest.approx((1 + 6 + 4) / 5)
-    assert ranks[0].compute(lambda pairs: pairs) == {}, "compute starts a new epoch"
+    assert ranks[0].compute() == {}, "compute starts a new epoch"
+    nan = TokenMeans()
+    nan.update("train/entropy", torch.tensor(float("nan")), 2)
+    assert torch.isnan(nan.compute()["train/entropy"]), "a NaN is reported, never dropped"
 
 
 def test_clean_name_removes_wrapper_parts():

@@ -46,7 +46,8 @@ def overlong_penalties(lengths: Sequence[int], max_new_tokens: int, buffer: floa
     """
     tokens = max(1, round(buffer * max_new_tokens))
     start = max_new_tokens - tokens
-    return [-penalty * min(max(length - start, 0), tokens) / tokens for length in lengths]
+    overs = [min(max(length - start, 0), tokens) for length in lengths]
+    return [-penalty * over / tokens if over else 0.0 for over in overs]
 
 
 def has_signal(scores: Tensor) -> Tensor:
