@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
 from dgpo.data import RLVRDataModule
 from dgpo.module import RLVRModule
+from dgpo.sweep import main as sweep_main
 
 
 class DGPOCLI(LightningCLI):
@@ -32,6 +34,9 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DG
     Environment variables for an in-process vLLM engine on CPU are set here, and only here,
     unless the caller already set them.
     """
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] == ["sweep"]:  # `dgpo sweep ...`: dgpo.sweep
+        sys.exit(sweep_main(argv[1:]))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return DGPOCLI(

@@ -1,0 +1,156 @@
+"""Running the planned runs: one ``fit`` subprocess per run, resumed from its last checkpoint.
+
+Each run folder gets a ``status.json`` (``state``: ``running``, ``finished`` or ``failed``; the
+exit code; the wall time summed over attempts) and a ``log.txt`` with the run's output. A run
+whose state is ``finished`` is skipped; any other run with a checkpoint resumes from it
+(``--ckpt_path``). Lightning's CSVLogger rewrites ``metrics.csv`` on resume, so the previous
+attempt's file is kept as ``metrics-attempt<k>.csv`` first (:mod:`dgpo.sweep.collect` joins them).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from dgpo.sweep.plan import Run
+
+STATUS_FILE = "status.json"
+LOG_FILE = "log.txt"
+METRICS_FILE = "metrics.csv"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one run: its exit code (0: finished), log and wall time of this attempt."""
+
+    run: Run
+    returncode: int
+    log: Path
+    seconds: float
+    skipped: bool = False
+
+
+def read_status(run_dir: Path) -> dict:
+    """The run's ``status.json`` (``{"state": "planned"}`` when it has not started)."""
+    path = run_dir / STATUS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {"state": "planned"}
+
+
+def is_finished(run_dir: Path) -> bool:
+    """Whether the run completed its ``fit`` (exit code 0)."""
+    return read_status(run_dir)["state"] == "finished"
+
+
+def last_checkpoint(run_dir: Path) -> Path | None:
+    """``checkpoints/last.ckpt``, else the newest ``checkpoints/*.ckpt``, else ``None``."""
+    directory = run_dir / "checkpoints"
+    if (directory / "last.ckpt").is_file():
+        return directory / "last.ckpt"
+    ckpts = sorted(directory.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return ckpts[-1] if ckpts else None
+
+
+def _write_status(run_dir: Path, status: dict) -> None:
+    tmp = run_dir / (STATUS_FILE + ".tmp")
+    tmp.write_text(json.dumps(status, indent=2) + "\n")
+    tmp.replace(run_dir / STATUS_FILE)
+
+
+def _keep_previous_metrics(run_dir: Path) -> None:
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file():
+        attempt = len(list(run_dir.glob("metrics-attempt*.csv")))
+        metrics.replace(run_dir / f"metrics-attempt{attempt}.csv")
+
+
+def command(run: Run, ckpt: Path | None, python: str = sys.executable) -> list[str]:
+    """The command line of one attempt of ``run`` (with ``--ckpt_path`` when resuming)."""
+    resume = ["--ckpt_path", str(ckpt)] if ckpt is not None else []
+    return [python, "-m", "dgpo", *run.fit_args, *resume]
+
+
+def run_one(run: Run, python: str = sys.executable) -> Outcome:
+    """Run (or resume, or skip) one run and record its status.
+
+    Returns:
+        The outcome; ``skipped`` when the run had already finished.
+    """
+    run_dir = Path(run.run_dir)
+    log = run_dir / LOG_FILE
+    status = read_status(run_dir)
+    if status["state"] == "finished":
+        return Outcome(run, 0, log, 0.0, skipped=True)
+    ckpt = last_checkpoint(run_dir)
+    if ckpt is not None:
+        _keep_previous_metrics(run_dir)
+    cmd = command(run, ckpt, python)
+    previous_seconds = float(status["wall_seconds"]) if "wall_seconds" in status else 0.0
+    attempts = int(status["attempts"]) + 1 if "attempts" in status else 1
+    _write_status(run_dir, {"state": "running", "attempts": attempts,
+                            "wall_seconds": previous_seconds, "command": cmd})
+    start = time.monotonic()
+    with log.open("a") as handle:
+        handle.write(f"\n$ {' '.join(cmd)}\n")
+        handle.flush()
+        code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, check=False).returncode
+    seconds = time.monotonic() - start
+    _write_status(run_dir, {"state": "finished" if code == 0 else "failed", "returncode": code,
+                            "attempts": attempts, "wall_seconds": previous_seconds + seconds,
+                            "command": cmd, "log": str(log)})
+    return Outcome(run, code, log, seconds)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes = f"{rest // 60}m{rest % 60:02d}s"
+    return f"{hours}h{minutes:>06}" if hours else minutes
+
+
+def progress_line(done: int, total: int, outcome: Outcome, elapsed: float,
+                  mean_seconds: float, parallel: int) -> str:
+    """One line per finished run: which, how it ended, elapsed time and an estimate of what is left.
+
+    The estimate is the mean time of the runs this sweep has run so far times the runs left,
+    divided by the number running at once.
+    """
+    left = total - done
+    eta = mean_seconds * left / max(1, min(parallel, left)) if left else 0.0
+    state = ("done" if outcome.returncode == 0
+             else f"FAILED (exit {outcome.returncode}, log {outcome.log})")
+    return (f"[{done}/{total}] {outcome.run.run_id}: {state} in {_duration(outcome.seconds)} | "
+            f"elapsed {_duration(elapsed)}, ~{_duration(eta)} left")
+
+
+def run_local(runs: list[Run], parallel: int = 1, python: str = sys.executable,
+              echo: Callable[[str], None] = print) -> list[Outcome]:
+    """Run the unfinished runs, ``parallel`` at a time, printing one progress line per run.
+
+    Returns:
+        The outcomes of the runs that were run (finished runs are skipped and not returned).
+
+    Raises:
+        ValueError: when ``parallel`` is below 1.
+    """
+    if parallel < 1:
+        raise ValueError(f"--parallel {parallel}: expected 1 or more")
+    pending = [run for run in runs if not is_finished(Path(run.run_dir))]
+    if len(pending) < len(runs):
+        echo(f"{len(runs) - len(pending)} of {len(runs)} runs already finished; skipping them")
+    start = time.monotonic()
+    outcomes: list[Outcome] = []
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        futures = [pool.submit(run_one, run, python) for run in pending]
+        for future in as_completed(futures):
+            outcome = future.result()
+            outcomes.append(outcome)
+            mean = sum(o.seconds for o in outcomes) / len(outcomes)
+            echo(progress_line(len(outcomes), len(pending), outcome,
+                               time.monotonic() - start, mean, parallel))
+    return outcomes
