@@ -1,7 +1,7 @@
 r"""``python -m dgpo sweep``: losses × seeds (× a grid) of ordinary ``fit`` runs, with statistics.
 
 Example:
-    python -m dgpo sweep --config configs/tiny.yaml --losses grpo dgpo configs/losses/cispo.yaml \\
+    python -m dgpo sweep --config configs/tiny.yaml --losses grpo dgpo configs/losses/cispo.yaml \
         --seeds 0 1 2 --out runs/sweeps/demo --set trainer.max_epochs=30
     python -m dgpo sweep --report runs/sweeps/demo
 """
@@ -113,7 +113,9 @@ def write_report(out: Path, baseline: str | None = None) -> list[Path]:
     """
     settings = read_sweep(out)
     baseline = baseline or settings["baseline"]
-    runs = read_runs(out)
+    order = [Path(loss).stem for loss in settings["losses"]]  # a loss's method name, as planned
+    runs = sorted(read_runs(out), key=lambda r: order.index(r.method.split(" ")[0])
+                  if r.method.split(" ")[0] in order else len(order))
     labels = {run.method.split(" ")[0] for run in runs}
     if baseline not in labels:
         raise ValueError(f"--baseline {baseline!r}: not a loss of this sweep; its losses: "

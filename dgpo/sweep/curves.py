@@ -8,6 +8,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from dgpo.sweep.collect import CURVES
 from dgpo.sweep.stats import CIMethod, mean_ci
@@ -38,6 +39,7 @@ def plot_curves(curves: pd.DataFrame, path: Path, level: float = 0.95,
     for ax, (column, title) in zip(axes.flat, CURVES, strict=True):
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if column not in curves:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
             continue

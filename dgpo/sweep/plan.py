@@ -165,7 +165,7 @@ def plan_runs(config: str, losses: list[str], seeds: list[int], sets: list[tuple
         for point in points:
             method = " ".join([label, *(f"{key}={value}" for key, value in point)])
             for seed in seeds:
-                run_id = _safe("+".join([label, *(f"{k}={v}" for k, v in point), f"s{seed}"]))
+                run_id = _safe("+".join([label, *(f"{k}={v}" for k, v in point)]) + f"-s{seed}")
                 run_dir = runs_root / run_id
                 args = fit_arguments(config, loss, seed, sets, point, run_dir)
                 runs.append(Run(run_id, method, loss, seed, point, str(run_dir), tuple(args)))

@@ -45,7 +45,7 @@ class SlurmOptions:
     extra: tuple[str, ...] = ()
 
 
-def _directives(name: str, out: Path, options: SlurmOptions) -> list[str]:
+def _directives(name: str, options: SlurmOptions) -> list[str]:
     lines = [f"--job-name={name}", f"--time={options.time}", "--ntasks=1",
              f"--cpus-per-task={options.cpus}"]
     if options.partition:
@@ -70,7 +70,7 @@ def array_script(runs: list[Run], out: Path, options: SlurmOptions,
     out = out.resolve()
     throttle = f"%{options.max_running}" if options.max_running else ""
     logs = out / "slurm"
-    lines = ["#!/bin/bash", *_directives(f"dgpo-sweep-{out.name}", out, options),
+    lines = ["#!/bin/bash", *_directives(f"dgpo-sweep-{out.name}", options),
              f"#SBATCH --array=0-{len(runs) - 1}{throttle}",
              f"#SBATCH --output={logs}/%A_%a.out", "set -euo pipefail",
              f"cd {shlex.quote(str(Path.cwd()))}", *options.setup, "RUNS=("]
@@ -85,7 +85,7 @@ def report_script(out: Path, options: SlurmOptions, python: str = sys.executable
     out = out.resolve()
     report = SlurmOptions(partition=options.partition, time="00:30:00", cpus=1,
                           setup=options.setup, extra=options.extra)
-    lines = ["#!/bin/bash", *_directives(f"dgpo-report-{out.name}", out, report),
+    lines = ["#!/bin/bash", *_directives(f"dgpo-report-{out.name}", report),
              f"#SBATCH --output={out}/slurm/report_%j.out", "set -euo pipefail",
              f"cd {shlex.quote(str(Path.cwd()))}", *options.setup,
              f"exec {shlex.quote(python)} -m dgpo sweep --report {shlex.quote(str(out))}"]

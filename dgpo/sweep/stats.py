@@ -70,7 +70,8 @@ def mean_ci(values: np.ndarray | list[float], level: float = 0.95, method: CIMet
     if len(x) == 1:
         return Estimate(1, mean, float("nan"), float("nan"), float("nan"))
     std = float(x.std(ddof=1))
-    if std == 0.0:
+    if std <= 1e-12 * max(1.0, abs(mean)):  # equal up to rounding: scipy would warn and divide
+        std = 0.0
         return Estimate(len(x), mean, 0.0, mean, mean)
     if method == "t":
         interval = stats.ttest_1samp(x, 0.0).confidence_interval(level)
