@@ -133,13 +133,13 @@ def write_report(out: Path, baseline: str | None = None) -> list[Path]:
     return [out / SUMMARY_FILE, out / REPORT_FILE, out / CURVES_FILE]
 
 
-def _run_single(run_dir: Path) -> int:
+def _run_single(run_dir: Path, python: str) -> int:
     path = run_dir / RUN_FILE
     if not path.is_file():
         raise ValueError(f"--run {str(run_dir)!r}: no {RUN_FILE} there; "
                          "is it a sweep's run folder?")
     run = next(r for r in read_runs(run_dir.parent.parent) if Path(r.run_dir) == run_dir.resolve())
-    outcome = run_one(run)
+    outcome = run_one(run, python)
     print(f"{run.run_id}: {'already finished' if outcome.skipped else f'exit {outcome.returncode}'}"
           f" (log {outcome.log})")
     return outcome.returncode
@@ -150,7 +150,7 @@ def _default_baseline(runs: list[Run]) -> str:
     return "grpo" if "grpo" in labels else labels[0]
 
 
-def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
+def _sweep(args: argparse.Namespace, argv: list[str], python: str) -> int:
     missing = [f"--{name}" for name in ("config", "losses", "seeds", "out")
                if getattr(args, name) is None]
     if missing:
@@ -177,30 +177,38 @@ def _sweep(args: argparse.Namespace, argv: list[str]) -> int:
         options = SlurmOptions(args.slurm_partition, args.slurm_time, args.slurm_gpus,
                                args.slurm_cpus, args.slurm_mem, args.parallel,
                                tuple(args.slurm_setup), tuple(args.slurm_option))
-        array, report = write_scripts(pending, out, options)
+        array, report = write_scripts(pending, out, options, python)
         print(f"wrote {array} ({len(pending)} array tasks) and {report}")
         if not args.slurm_no_submit:
             array_id, report_id = submit(array, report)
             print(f"submitted job array {array_id}; report job {report_id} runs after it")
         return 0
-    outcomes = run_local(runs, args.parallel or 1)
-    paths = write_report(out)
-    print("wrote " + ", ".join(str(p) for p in paths))
+    outcomes = run_local(runs, args.parallel or 1, python)
     failed = [o for o in outcomes if o.returncode != 0]
     for outcome in failed:
         print(f"FAILED: {outcome.run.run_id} exit {outcome.returncode}, log {outcome.log}",
               file=sys.stderr)
+    paths = write_report(out)
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 1 if failed else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``dgpo sweep`` with ``argv`` (the arguments after ``sweep``); returns the exit code."""
+def main(argv: list[str] | None = None, python: str = sys.executable) -> int:
+    """Run ``dgpo sweep`` with ``argv`` (the arguments after ``sweep``); returns the exit code.
+
+    Args:
+        argv: the arguments after ``sweep`` (``None``: ``sys.argv[2:]``).
+        python: the interpreter that runs each ``-m dgpo fit`` (and the SLURM tasks).
+
+    Raises:
+        ValueError: for invalid settings (the message names the option and what it allows).
+    """
     argv = sys.argv[2:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if args.run is not None:
-        return _run_single(Path(args.run))
+        return _run_single(Path(args.run), python)
     if args.report is not None:
         paths = write_report(Path(args.report), args.baseline)
         print("wrote " + ", ".join(str(p) for p in paths))
         return 0
-    return _sweep(args, argv)
+    return _sweep(args, argv, python)
