@@ -40,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The sweep's argument parser."""
     parser = argparse.ArgumentParser(
         prog="dgpo sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run every loss × seed (× grid point) as an ordinary `dgpo fit` in its own "
-                    "folder under --out, then write summary.csv, report.md and curves.png. "
-                    "Started again, it skips finished runs and resumes the others from their last "
-                    f"checkpoint. 'Final' metrics average the last {LAST_EPOCHS} epochs.",
+        description="Run every loss × seed (× grid point) as an ordinary `dgpo fit` in its own\n"
+                    "folder under --out/runs, then write summary.csv, report.md and curves.png.\n"
+                    "Started again, it skips finished runs and resumes the others from their\n"
+                    f"last checkpoint. 'Final' metrics average the last {LAST_EPOCHS} epochs.",
         epilog=__doc__.split("Example:")[1])
     parser.add_argument("--config", help="the task config (as for `dgpo fit --config`)")
     parser.add_argument("--losses", nargs="+", metavar="LOSS",

@@ -10,6 +10,7 @@ attempt's file is kept as ``metrics-attempt<k>.csv`` first (:mod:`dgpo.sweep.col
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -75,8 +76,13 @@ def command(run: Run, ckpt: Path | None, python: str = sys.executable) -> list[s
     return [python, "-m", "dgpo", *run.fit_args, *resume]
 
 
-def run_one(run: Run, python: str = sys.executable) -> Outcome:
+def run_one(run: Run, python: str = sys.executable, threads: int | None = None) -> Outcome:
     """Run (or resume, or skip) one run and record its status.
+
+    Args:
+        run: the run.
+        python: the interpreter that runs ``-m dgpo fit``.
+        threads: ``OMP_NUM_THREADS`` of the run (``None``: the environment's).
 
     Returns:
         The outcome; ``skipped`` when the run had already finished.
@@ -98,7 +104,9 @@ def run_one(run: Run, python: str = sys.executable) -> Outcome:
     with log.open("a") as handle:
         handle.write(f"\n$ {' '.join(cmd)}\n")
         handle.flush()
-        code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, check=False).returncode
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                              check=False).returncode
     seconds = time.monotonic() - start
     _write_status(run_dir, {"state": "finished" if code == 0 else "failed", "returncode": code,
                             "attempts": attempts, "wall_seconds": previous_seconds + seconds,
@@ -132,6 +140,10 @@ def run_local(runs: list[Run], parallel: int = 1, python: str = sys.executable,
               echo: Callable[[str], None] = print) -> list[Outcome]:
     """Run the unfinished runs, ``parallel`` at a time, printing one progress line per run.
 
+    With ``parallel`` above 1 and no ``OMP_NUM_THREADS`` in the environment, each run gets an
+    equal share of the CPU cores as its ``OMP_NUM_THREADS`` (torch would otherwise start one
+    thread per core in every run).
+
     Returns:
         The outcomes of the runs that were run (finished runs are skipped and not returned).
 
@@ -143,10 +155,13 @@ def run_local(runs: list[Run], parallel: int = 1, python: str = sys.executable,
     pending = [run for run in runs if not is_finished(Path(run.run_dir))]
     if len(pending) < len(runs):
         echo(f"{len(runs) - len(pending)} of {len(runs)} runs already finished; skipping them")
+    threads = None
+    if parallel > 1 and "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // parallel)
     start = time.monotonic()
     outcomes: list[Outcome] = []
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        futures = [pool.submit(run_one, run, python) for run in pending]
+        futures = [pool.submit(run_one, run, python, threads) for run in pending]
         for future in as_completed(futures):
             outcome = future.result()
             outcomes.append(outcome)

@@ -16,6 +16,7 @@ dir=""; prev=""
 for a in "$@"; do [ "$prev" = "--trainer.default_root_dir" ] && dir="$a"; prev="$a"; done
 echo "$*" >> "$dir/calls.txt"
 echo "fit output of $dir"
+echo "OMP_NUM_THREADS=$OMP_NUM_THREADS" > "$dir/env.txt"
 mkdir -p "$dir/checkpoints"; touch "$dir/checkpoints/last.ckpt"
 printf 'epoch,rollout/reward_mean\\n0,0.5\\n' > "$dir/metrics.csv"
 if [ -n "$FAKE_FAIL" ] && [[ "$dir" == *"$FAKE_FAIL"* ]]; then exit 3; fi

@@ -103,3 +103,17 @@ def test_run_local_rejects_parallel_zero(tmp_path: Path):
     with pytest.raises(ValueError, match="--parallel 0"):
         run_local(_runs(tmp_path), parallel=0)
 
+
+
+def test_run_local_shares_cores_between_parallel_runs(tmp_path: Path, fake_python: str,
+                                                      monkeypatch: pytest.MonkeyPatch):
+    runs = _runs(tmp_path, seeds=(0,))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    run_local(runs, parallel=2, python=fake_python, echo=lambda line: None)
+    for run in runs:  # 8 cores, 2 runs at once: 4 threads each
+        assert (Path(run.run_dir) / "env.txt").read_text().strip() == "OMP_NUM_THREADS=4"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
+    more = _runs(tmp_path / "more", seeds=(0,))
+    run_local(more, parallel=2, python=fake_python, echo=lambda line: None)
+    assert (Path(more[0].run_dir) / "env.txt").read_text().strip() == "OMP_NUM_THREADS=3"
