@@ -148,6 +148,8 @@ def render_report(summary: pd.DataFrame, comparison: pd.DataFrame, settings: dic
     lines += [f"## Results (mean ± {pct} CI across seeds)", "", *_markdown(header, rows), ""]
     baseline = settings["baseline"]
     lines += [f"## Difference from `{baseline}` (paired over shared seeds)", ""]
+    if settings["grid"]:
+        lines += [f"Each grid point is compared with `{baseline}` at the same grid point.", ""]
     if comparison.empty:
         lines += [f"No comparison: `{baseline}` has no finished run sharing a seed with another "
                   "method.", ""]

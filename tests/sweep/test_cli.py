@@ -52,6 +52,20 @@ def test_sweep_report_rebuilds_outputs(tmp_path: Path, fake_python: str):
     assert (out / "summary.csv").is_file() and (out / "curves.png").is_file()
 
 
+def test_sweep_grid_compares_at_the_same_grid_point(tmp_path: Path, fake_python: str):
+    out = tmp_path / "sw"
+    assert main([*SWEEP, "--out", str(out), "--grid", "model.lr=1e-5,2e-5"],
+                python=fake_python) == 0
+    assert len(list((out / "runs").glob("*/status.json"))) == 8
+    assert "--model.lr=2e-5" in _calls(out, "dgpo+model.lr=2e-5-s1")[0]
+    report = (out / "report.md").read_text()
+    # the fake fit logs the same reward everywhere: differences of 0 over 2 seeds, P = 1/2
+    for lr in ("1e-5", "2e-5"):
+        assert (f"| dgpo model.lr={lr} | final reward | 2 | 0.000 | [0.000, 0.000] | 0.500 | no |"
+                in report)
+    assert "compared with `grpo` at the same grid point" in report
+
+
 def test_sweep_dry_run_runs_nothing(tmp_path: Path, capsys: pytest.CaptureFixture):
     out = tmp_path / "sw"
     assert main([*SWEEP, "--out", str(out), "--dry-run"]) == 0
