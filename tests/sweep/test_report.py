@@ -6,7 +6,7 @@ import pytest
 
 from dgpo.sweep.cli import write_report
 from dgpo.sweep.collect import epoch_table, run_metrics
-from tests.sweep.conftest import fabricate
+from tests.sweep.fabricated import fabricate
 
 T_975_DF2 = 4.302652729749462  # Student t 97.5% quantile, 2 degrees of freedom
 
@@ -101,3 +101,15 @@ def test_epoch_table_joins_resumed_attempts(tmp_path: Path):
     assert metrics["best_epoch"] == 3
     assert metrics["val/x/avg@2"] == 0.5
     assert math.isnan(metrics["final_entropy"]) and math.isnan(metrics["wall_seconds"])
+
+
+def test_write_report_before_any_run_finished(tmp_path: Path):
+    runs = fabricate(tmp_path, CURVES)
+    for run in runs:
+        (Path(run.run_dir) / "status.json").write_text('{"state": "running", "attempts": 1}')
+    write_report(tmp_path)
+    assert (tmp_path / "summary.csv").read_text().strip() == (
+        "method,metric,seeds,mean,std,ci_low,ci_high")
+    text = (tmp_path / "report.md").read_text()
+    assert "- runs: 0 finished, 0 failed, 6 not finished" in text
+    assert "No comparison: `grpo` has no finished run" in text
