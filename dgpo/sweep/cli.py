@@ -140,9 +140,10 @@ def _run_single(run_dir: Path, python: str) -> int:
                          "is it a sweep's run folder?")
     run = next(r for r in read_runs(run_dir.parent.parent) if Path(r.run_dir) == run_dir.resolve())
     outcome = run_one(run, python)
-    print(f"{run.run_id}: {'already finished' if outcome.skipped else f'exit {outcome.returncode}'}"
-          f" (log {outcome.log})")
-    return outcome.returncode
+    how = ("already finished" if outcome.skipped else "interrupted by SIGTERM"
+           if outcome.interrupted else f"exit {outcome.returncode}")
+    print(f"{run.run_id}: {how} (log {outcome.log})")
+    return outcome.returncode or int(outcome.interrupted)
 
 
 def _default_baseline(runs: list[Run]) -> str:
@@ -184,10 +185,10 @@ def _sweep(args: argparse.Namespace, argv: list[str], python: str) -> int:
             print(f"submitted job array {array_id}; report job {report_id} runs after it")
         return 0
     outcomes = run_local(runs, args.parallel or 1, python)
-    failed = [o for o in outcomes if o.returncode != 0]
+    failed = [o for o in outcomes if not o.ok]
     for outcome in failed:
-        print(f"FAILED: {outcome.run.run_id} exit {outcome.returncode}, log {outcome.log}",
-              file=sys.stderr)
+        how = "interrupted by SIGTERM" if outcome.interrupted else f"exit {outcome.returncode}"
+        print(f"FAILED: {outcome.run.run_id} {how}, log {outcome.log}", file=sys.stderr)
     paths = write_report(out)
     print("wrote " + ", ".join(str(p) for p in paths))
     return 1 if failed else 0

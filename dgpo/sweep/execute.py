@@ -1,9 +1,12 @@
 """Running the planned runs: one ``fit`` subprocess per run, resumed from its last checkpoint.
 
-Each run folder gets a ``status.json`` (``state``: ``running``, ``finished`` or ``failed``; the
-exit code; the wall time summed over attempts) and a ``log.txt`` with the run's output. A run
-whose state is ``finished`` is skipped; any other run with a checkpoint resumes from it
-(``--ckpt_path``). Lightning's CSVLogger rewrites ``metrics.csv`` on resume, so the previous
+Each run folder gets a ``status.json`` (``state``: ``running``, ``finished``, ``failed`` or
+``interrupted``; the exit code; the wall time summed over attempts) and a ``log.txt`` with the
+run's output. A run whose state is ``finished`` is skipped; any other run with a checkpoint
+resumes from it (``--ckpt_path``). Lightning ends a fit that receives SIGTERM (a SLURM time limit
+or preemption) with exit code 0 (its ``SIGTERMException`` is a ``SystemExit``), so an attempt
+whose output has Lightning's ``Received SIGTERM`` line counts as ``interrupted``, not finished.
+Lightning's CSVLogger rewrites ``metrics.csv`` on resume, so the previous
 attempt's file is kept as ``metrics-attempt<k>.csv`` first (:mod:`dgpo.sweep.collect` joins them).
 """
 
@@ -24,17 +27,25 @@ from dgpo.sweep.plan import Run
 STATUS_FILE = "status.json"
 LOG_FILE = "log.txt"
 METRICS_FILE = "metrics.csv"
+#: What Lightning's signal connector logs when the fit receives SIGTERM (it then exits with 0).
+SIGTERM_MARK = "Received SIGTERM"
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What became of one run: its exit code (0: finished), log and wall time of this attempt."""
+    """What became of one attempt of a run: exit code, log, wall time, whether it was cut short."""
 
     run: Run
     returncode: int
     log: Path
     seconds: float
     skipped: bool = False
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run has finished (exit code 0 and no SIGTERM)."""
+        return self.returncode == 0 and not self.interrupted
 
 
 def read_status(run_dir: Path) -> dict:
@@ -104,14 +115,19 @@ def run_one(run: Run, python: str = sys.executable, threads: int | None = None) 
     with log.open("a") as handle:
         handle.write(f"\n$ {' '.join(cmd)}\n")
         handle.flush()
+        offset = handle.tell()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
         code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, env=env,
                               check=False).returncode
     seconds = time.monotonic() - start
-    _write_status(run_dir, {"state": "finished" if code == 0 else "failed", "returncode": code,
-                            "attempts": attempts, "wall_seconds": previous_seconds + seconds,
-                            "command": cmd, "log": str(log)})
-    return Outcome(run, code, log, seconds)
+    with log.open("rb") as handle:
+        handle.seek(offset)
+        interrupted = SIGTERM_MARK.encode() in handle.read()
+    state = "failed" if code != 0 else "interrupted" if interrupted else "finished"
+    _write_status(run_dir, {"state": state, "returncode": code, "attempts": attempts,
+                            "wall_seconds": previous_seconds + seconds, "command": cmd,
+                            "log": str(log)})
+    return Outcome(run, code, log, seconds, interrupted=interrupted)
 
 
 def _duration(seconds: float) -> str:
@@ -130,8 +146,12 @@ def progress_line(done: int, total: int, outcome: Outcome, elapsed: float,
     """
     left = total - done
     eta = mean_seconds * left / max(1, min(parallel, left)) if left else 0.0
-    state = ("done" if outcome.returncode == 0
-             else f"FAILED (exit {outcome.returncode}, log {outcome.log})")
+    if outcome.ok:
+        state = "done"
+    elif outcome.interrupted:
+        state = f"INTERRUPTED (SIGTERM; it resumes when the sweep starts again, log {outcome.log})"
+    else:
+        state = f"FAILED (exit {outcome.returncode}, log {outcome.log})"
     return (f"[{done}/{total}] {outcome.run.run_id}: {state} in {_duration(outcome.seconds)} | "
             f"elapsed {_duration(elapsed)}, ~{_duration(eta)} left")
 

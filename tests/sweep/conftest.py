@@ -16,6 +16,8 @@ echo "OMP_NUM_THREADS=$OMP_NUM_THREADS" > "$dir/env.txt"
 mkdir -p "$dir/checkpoints"; touch "$dir/checkpoints/last.ckpt"
 printf 'epoch,rollout/reward_mean\\n0,0.5\\n' > "$dir/metrics.csv"
 if [ -n "$FAKE_FAIL" ] && [[ "$dir" == *"$FAKE_FAIL"* ]]; then exit 3; fi
+# Lightning on SIGTERM: logs this line, stops after the epoch and exits with 0
+if [ -n "$FAKE_SIGTERM" ]; then echo "[rank: 0] Received SIGTERM: 15"; fi
 exit 0
 """
 

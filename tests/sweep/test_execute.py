@@ -117,3 +117,19 @@ def test_run_local_shares_cores_between_parallel_runs(tmp_path: Path, fake_pytho
     more = _runs(tmp_path / "more", seeds=(0,))
     run_local(more, parallel=2, python=fake_python, echo=lambda line: None)
     assert (Path(more[0].run_dir) / "env.txt").read_text().strip() == "OMP_NUM_THREADS=3"
+
+
+def test_run_one_sigterm_with_exit_zero_is_not_finished(tmp_path: Path, fake_python: str,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    run = _runs(tmp_path)[0]
+    monkeypatch.setenv("FAKE_SIGTERM", "1")
+    cut = run_one(run, fake_python)
+    assert (cut.returncode, cut.interrupted, cut.ok) == (0, True, False)
+    assert read_status(Path(run.run_dir))["state"] == "interrupted"
+    line = progress_line(1, 1, cut, 1.0, 1.0, 1)
+    assert "INTERRUPTED (SIGTERM; it resumes when the sweep starts again" in line
+    monkeypatch.delenv("FAKE_SIGTERM")
+    resumed = run_one(run, fake_python)  # the first attempt's SIGTERM line is not this attempt's
+    assert resumed.ok and is_finished(Path(run.run_dir))
+    ckpt = Path(run.run_dir) / "checkpoints" / "last.ckpt"
+    assert _calls(run)[1].endswith(f"--ckpt_path {ckpt}")
