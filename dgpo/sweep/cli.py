@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -138,7 +139,7 @@ def _run_single(run_dir: Path, python: str) -> int:
     if not path.is_file():
         raise ValueError(f"--run {str(run_dir)!r}: no {RUN_FILE} there; "
                          "is it a sweep's run folder?")
-    run = next(r for r in read_runs(run_dir.parent.parent) if Path(r.run_dir) == run_dir.resolve())
+    run = Run.from_json(json.loads(path.read_text()))
     outcome = run_one(run, python)
     how = ("already finished" if outcome.skipped else "interrupted by SIGTERM"
            if outcome.interrupted else f"exit {outcome.returncode}")
