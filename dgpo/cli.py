@@ -14,10 +14,12 @@ from dgpo.data import RLVRDataModule
 from dgpo.module import RLVRModule
 from dgpo.progress import EpochSummary
 from dgpo.rollout import RolloutCallback, RolloutEngine
+from dgpo.sweep import main as sweep_main
 
 SUBCOMMANDS = ("fit", "validate", "test")
 PROG = "dgpo"
-DESCRIPTION = "dgpo: reinforcement learning with verifiable rewards on LLMs (DGPO and peer losses)"
+DESCRIPTION = ("dgpo: reinforcement learning with verifiable rewards on LLMs (DGPO and peer "
+               "losses). Also: `dgpo sweep --help`, losses x seeds with confidence intervals.")
 
 
 class DGPOCLI(LightningCLI):
@@ -130,6 +132,9 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DG
     unless the caller already set them. The console is quiet (see :mod:`dgpo.console`) unless
     ``--verbose`` is among the arguments or ``DGPO_VERBOSE=1``.
     """
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] == ["sweep"]:  # `dgpo sweep ...`: dgpo.sweep
+        sys.exit(sweep_main(argv[1:]))
     command_line = args is None
     if args is None:  # drop --verbose from sys.argv, which LightningCLI then reads
         verbose, rest = split_verbose(sys.argv[1:])
