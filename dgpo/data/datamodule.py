@@ -10,11 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from dgpo.data.problems import load_problems
-from dgpo.data.prompt import PromptSample
-from dgpo.data.synthetic import ArithmeticTask
-from dgpo.data.templates import check_chat_template, format_prompt, validate_template
-from dgpo.evaluation.benchmarks import (
+from dgpo.data.benchmarks import (
     Benchmark,
     BenchmarkDataset,
     as_benchmark,
@@ -23,6 +19,10 @@ from dgpo.evaluation.benchmarks import (
     evaluation_shard,
     load_benchmark,
 )
+from dgpo.data.problems import load_problems
+from dgpo.data.prompt import PromptSample
+from dgpo.data.synthetic import ArithmeticTask
+from dgpo.data.templates import check_chat_template, format_prompt, validate_template
 from dgpo.rollout.buffer import RolloutBuffer
 from dgpo.seeding import run_seed
 

@@ -1,10 +1,10 @@
-"""Evaluation on math benchmarks: benchmark sources, sampling settings and the results table.
+"""Evaluation on math benchmarks: sampling settings, the evaluator and the results table.
 
-The :class:`~dgpo.evaluation.evaluator.Evaluator` that runs validation and test lives in
-:mod:`dgpo.evaluation.evaluator` (not imported here: :mod:`dgpo.data` imports this package).
+The benchmark files themselves (:class:`Benchmark`, their prompts and data loaders) are data:
+they live in :mod:`dgpo.data.benchmarks` and are re-exported here.
 """
 
-from dgpo.evaluation.benchmarks import (
+from dgpo.data.benchmarks import (
     Benchmark,
     BenchmarkBatch,
     BenchmarkDataset,
@@ -14,6 +14,7 @@ from dgpo.evaluation.benchmarks import (
     load_benchmark,
 )
 from dgpo.evaluation.config import EvalConfig
+from dgpo.evaluation.evaluator import Evaluator
 from dgpo.evaluation.results import markdown_table, results_record, write_results
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "BenchmarkBatch",
     "BenchmarkDataset",
     "EvalConfig",
+    "Evaluator",
     "benchmark_dataloader",
     "benchmark_prompts",
     "evaluation_shard",

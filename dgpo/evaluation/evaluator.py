@@ -5,22 +5,21 @@ from __future__ import annotations
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric, SumMetric
 
-from dgpo.evaluation.benchmarks import ALTERNATIVES, BenchmarkBatch
+from dgpo.data.benchmarks import ALTERNATIVES, BenchmarkBatch
+from dgpo.data.prompt import PromptSample
 from dgpo.evaluation.config import EvalConfig
 from dgpo.evaluation.results import MEAN, results_record, write_results
 from dgpo.metrics import AvgAtK, MajAtK, PassAtK, answer_ids
 from dgpo.rewards import MathVerifyReward, call_reward
 from dgpo.rollout.engine import Completion, RolloutEngine, SamplingConfig
-
-if TYPE_CHECKING:
-    from dgpo.data import PromptSample
+from dgpo.rollout.transformers_engine import TransformersEngine
 
 LENGTH, TRUNCATED, PROBLEMS = "response_length", "truncated", "problems"
 #: Seed offset between batches: more samples than any batch holds, so no two share a seed.
@@ -189,8 +188,6 @@ class Evaluator(torch.nn.Module):
         if self.engine is not None:
             return self.engine
         if self._fallback is None:
-            from dgpo.rollout.transformers_engine import TransformersEngine
-
             self._fallback = TransformersEngine(tokenizer=module.tokenizer)  # attach(): policy
         return self._fallback
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dgpo.evaluation.benchmarks import BenchmarkBatch
+from dgpo.data.benchmarks import BenchmarkBatch
 
 
 class EvaluationHooks:
