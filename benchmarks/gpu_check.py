@@ -279,7 +279,7 @@ def train_case(sizes: Sizes, device: torch.device, strategy: str, mode: str,
         out = loss_fn(logp, logp.detach(), advantages, mask, num_tokens=mask.sum(),
                       num_sequences=mask.shape[0])
         out.loss.backward()
-        clip_grad_norm(model, 1.0)
+        grad_norm = float(clip_grad_norm(model, 1.0))  # > 0: the trained weights get gradients
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         synchronize(device)
@@ -293,7 +293,7 @@ def train_case(sizes: Sizes, device: torch.device, strategy: str, mode: str,
     return {"compute": "bfloat16" if device.type == "cuda" else "float32",
             "seconds": round(median, 3), "peak_gib": peaks[-1],
             "tokens_per_s": round(tokens / median, 1),
-            "trainable_params": sum(p.numel() for p in params)}
+            "trainable_params": sum(p.numel() for p in params), "grad_norm": grad_norm}
 
 
 def naive_logprobs(hidden: torch.Tensor, weight: torch.Tensor,
@@ -428,7 +428,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     tables = {
         "train": ("Training step (one micro-batch, fp32 weights)",
                   ["strategy", "mode", "checkpointing", "compute", "seconds", "peak_gib",
-                   "tokens_per_s", "trainable_params"]),
+                   "tokens_per_s", "trainable_params", "grad_norm"]),
         "logprobs": ("Log-probs + entropy, forward + backward",
                      ["implementation", "tokens", "vocab", "seconds", "peak_gib",
                       "max_abs_diff_vs_naive"]),
