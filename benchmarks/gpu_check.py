@@ -31,82 +31,55 @@ starting once ``--budget-s`` seconds have passed (default 420: the machine lends
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import json
-import platform
 import socket
 import statistics
 import sys
 import time
-import traceback
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import lightning
-import peft
 import torch
 import torch.distributed as dist
-import transformers
-from lightning.fabric.plugins.environments import LightningEnvironment
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecision
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from dgpo.distributed import call_in_forward
-from dgpo.logprobs import sequence_logprobs, token_logprobs
-from dgpo.lora import LoraSettings, apply_lora
-from dgpo.losses import DGPOLoss
-from dgpo.optim import clip_grad_norm
-from dgpo.rollout.engine import SamplingConfig
-from dgpo.rollout.transformers_engine import TransformersEngine
-from dgpo.strategies import CPUFSDPStrategy, FSDP2Strategy, _checkpoint_layers
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # gpu_check_lib beside this script
 
-CONFIG = Path(__file__).parent / "configs" / "r1-distill-qwen-1.5b.json"
-LORA = LoraSettings(r=16, alpha=32.0, target_modules="all-linear")
-TINY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
-              "bos_token_id": 1, "eos_token_id": 1}
+from gpu_check_lib import (  # noqa: E402
+    CONFIG,
+    LORA,
+    PAPER,
+    TINY,
+    Sizes,
+    build_model,
+    environment,
+    grouped_batch,
+    guarded,
+    peak_gib,
+    reset_peak,
+    shard,
+    synchronize,
+    to_markdown,
+)
 
+from dgpo.distributed import call_in_forward, full_weights  # noqa: E402
+from dgpo.logprobs import sequence_logprobs, token_logprobs  # noqa: E402
+from dgpo.lora import apply_lora, engine_weights  # noqa: E402
+from dgpo.losses import DGPOLoss  # noqa: E402
+from dgpo.optim import clip_grad_norm  # noqa: E402
+from dgpo.rollout.engine import SamplingConfig  # noqa: E402
+from dgpo.rollout.transformers_engine import TransformersEngine  # noqa: E402
+from dgpo.strategies import _checkpoint_layers  # noqa: E402
 
-@dataclass(frozen=True)
-class Sizes:
-    """What each section runs; :data:`PAPER` on a GPU, :data:`TINY` on CPU and in the tests."""
-
-    micro_batch: int = 8
-    prompt: int = 512
-    response: int = 1024
-    steps: int = 2  # timed training steps, after the warm-up steps
-    warmup: int = 1
-    logprob_tokens: int = 8 * 1024
-    logprob_vocab: int = 151936
-    gen_prompts: int = 8
-    gen_n: int = 5
-    gen_new_tokens: int = 1024
-    share_layers: int = 2  # the sharing check uses the first layers of the model only
-    share_groups: int = 2
-    share_n: int = 4
-    share_prompt: int = 128
-    share_response: int = 256
-    model: dict[str, int] = field(default_factory=dict)  # overrides of the model config
-
-
-PAPER = Sizes()
-TINY = Sizes(micro_batch=4, prompt=16, response=24, steps=1, warmup=0, logprob_tokens=64,
-             logprob_vocab=4096, gen_prompts=2,
-             gen_n=2, gen_new_tokens=6, share_groups=2, share_n=3, share_prompt=8,
-             share_response=12, model=TINY_MODEL)
+SECTIONS = ("train", "lora_sync", "logprobs", "generation", "sharing")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (automatic without CUDA)")
     parser.add_argument("--out", default="runs/gpu-check", help="folder for the JSON and Markdown")
-    parser.add_argument("--sections", nargs="+", default=["train", "logprobs", "generation",
-                                                          "sharing"])
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     parser.add_argument("--budget-s", type=float, default=420.0)
     args = parser.parse_args(argv)
     # FSDP1 + LoRA: one flat parameter per layer mixes frozen and trained weights (reported)
@@ -120,9 +93,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         port = sock.getsockname()[1]
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                             init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    sections: dict[str, Callable[[Sizes, torch.device], Any]] = {
-        "train": check_training, "logprobs": check_logprobs, "generation": check_generation,
-        "sharing": check_sharing}
+    sections = {"train": check_training, "lora_sync": check_lora_sync,
+                "logprobs": check_logprobs, "generation": check_generation,
+                "sharing": check_sharing}
     try:
         for name in args.sections:
             if time.perf_counter() - start > args.budget_s:
@@ -140,107 +113,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (out / "gpu_check.md").write_text(markdown)
     print(markdown, flush=True)
     return report
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    return {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": name or platform.machine(), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "transformers": transformers.__version__,
-            "lightning": lightning.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
-
-
-# ------------------------------------------------------------------------------------- helpers
-def build_model(sizes: Sizes, device: torch.device, dtype: torch.dtype,
-                layers: int | None = None) -> torch.nn.Module:
-    """The random model of :data:`CONFIG` (with the sizes' overrides) on ``device``."""
-    values = {**json.loads(CONFIG.read_text()), **sizes.model}
-    if layers is not None:
-        values["num_hidden_layers"] = layers
-    config = AutoConfig.for_model(**values)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.config.use_cache = False
-    return model
-
-
-def grouped_batch(groups: int, n: int, prompt: int, response: int, vocab: int,
-                  device: torch.device, ragged: bool = False) -> dict[str, torch.Tensor]:
-    """``groups × n`` rows; the rows of a group share their prompt; right-padded when ragged."""
-    generator = torch.Generator().manual_seed(0)
-    rows, width = groups * n, prompt + response
-    ids = torch.randint(10, vocab, (rows, width), generator=generator)
-    for group in range(groups):
-        ids[group * n:(group + 1) * n, :prompt] = ids[group * n, :prompt].clone()
-    lengths = [response - (row * 3) % max(response // 2, 1) if ragged else response
-               for row in range(rows)]
-    attention = torch.zeros(rows, width, dtype=torch.long)
-    mask = torch.zeros(rows, width - 1, dtype=torch.bool)
-    for row, length in enumerate(lengths):
-        attention[row, :prompt + length] = 1
-        mask[row, prompt - 1:prompt + length - 1] = True
-    ids = ids.masked_fill(attention == 0, 0)
-    return {"input_ids": ids.to(device), "attention_mask": attention.to(device),
-            "response_mask": mask.to(device)}
-
-
-def shard(model: torch.nn.Module, strategy: str, checkpointing: bool, device: torch.device,
-          mixed: bool = True) -> torch.nn.Module:
-    """``model`` sharded as dgpo's FSDP1 / FSDP2 strategies shard the policy (one rank)."""
-    layer = type(model.get_decoder().layers[0])
-    if strategy == "fsdp1":
-        precision = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                   buffer_dtype=torch.float32) if mixed else None
-        fsdp1 = CPUFSDPStrategy(parallel_devices=[device],
-                                cluster_environment=LightningEnvironment(),
-                                auto_wrap_policy={layer}, mixed_precision=precision,
-                                activation_checkpointing_policy={layer} if checkpointing else None)
-        return fsdp1._setup_model(model)
-    fsdp2 = FSDP2Strategy(layer_classes=[layer.__name__],
-                          param_dtype="bfloat16" if mixed else None,
-                          reduce_dtype="float32" if mixed else None,
-                          activation_checkpointing=checkpointing)
-    fsdp2._device_mesh = init_device_mesh(device.type, (1,), mesh_dim_names=("data_parallel",))
-    fsdp2._shard(model)
-    return model
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device: torch.device) -> float:
-    """Start a peak-memory window; returns the GiB allocated now (CUDA; 0 on CPU)."""
-    synchronize(device)
-    gc.collect()
-    if device.type != "cuda":
-        return 0.0
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
-    return torch.cuda.memory_allocated(device) / 2**30
-
-
-def peak_gib(device: torch.device) -> float | None:
-    """Peak allocated GiB since :func:`reset_peak` (None on CPU: not measured there)."""
-    synchronize(device)
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) \
-        if device.type == "cuda" else None
-
-
-def guarded(case: dict[str, Any], run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``case`` with ``run()``'s results, or with its error (the check goes on)."""
-    try:
-        case.update(run())
-    except Exception as error:  # noqa: BLE001 - one failed case must not hide the others
-        case["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-        traceback.print_exc()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return case
 
 
 # ------------------------------------------------------------------------------------ sections
@@ -294,6 +166,31 @@ def train_case(sizes: Sizes, device: torch.device, strategy: str, mode: str,
             "seconds": round(median, 3), "peak_gib": peaks[-1],
             "tokens_per_s": round(tokens / median, 1),
             "trainable_params": sum(p.numel() for p in params), "grad_norm": grad_norm}
+
+
+def check_lora_sync(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
+    return [guarded({"strategy": strategy}, lambda s=strategy: lora_sync_case(sizes, device, s))
+            for strategy in ("fsdp1", "fsdp2")]
+
+
+def lora_sync_case(sizes: Sizes, device: torch.device, strategy: str) -> dict[str, Any]:
+    """The engine's merged weights of a sharded LoRA policy against the unsharded merge."""
+    model = apply_lora(build_model(sizes, device, torch.float32), LORA)
+    with torch.no_grad():  # adapters as after some training (B starts at zero)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.01)
+    expected = {name: tensor.clone() for name, tensor in engine_weights(model)}
+    model = shard(model, strategy, checkpointing=True, device=device)
+    synchronize(device)
+    begin = time.perf_counter()
+    names, diff = [], 0.0
+    for name, tensor in engine_weights(model, full_weights(model)):
+        names.append(name)
+        diff = max(diff, float((tensor - expected[name]).abs().max()))
+    synchronize(device)
+    return {"seconds": round(time.perf_counter() - begin, 3), "tensors": len(names),
+            "same_names": sorted(names) == sorted(expected), "max_abs_diff": diff}
 
 
 def naive_logprobs(hidden: torch.Tensor, weight: torch.Tensor,
@@ -415,41 +312,6 @@ def sharing_case(sizes: Sizes, device: torch.device, setup: str) -> dict[str, An
              "grad_max_rel_diff": grad_diff}
     return {**diffs, "equal": diffs["logp_max_abs_diff"] < 1e-4
             and diffs["entropy_max_abs_diff"] < 1e-4 and grad_diff < 1e-3}
-
-
-# ------------------------------------------------------------------------------------ markdown
-def to_markdown(report: dict[str, Any]) -> str:
-    env = report["environment"]
-    lines = [f"# dgpo GPU check — {env['device']}, {env['date_utc']}", "",
-             f"torch {env['torch']} (CUDA {env['cuda']}), transformers {env['transformers']}, "
-             f"Lightning {env['lightning']}, peft {env['peft']}; {report['seconds_total']} s in "
-             "all. Random weights, R1-Distill-Qwen-1.5B shape"
-             + (" (tiny sizes)" if report["sizes"]["model"] else "") + ".", ""]
-    tables = {
-        "train": ("Training step (one micro-batch, fp32 weights)",
-                  ["strategy", "mode", "checkpointing", "compute", "seconds", "peak_gib",
-                   "tokens_per_s", "trainable_params", "grad_norm"]),
-        "logprobs": ("Log-probs + entropy, forward + backward",
-                     ["implementation", "tokens", "vocab", "seconds", "peak_gib",
-                      "max_abs_diff_vs_naive"]),
-        "generation": ("Transformers engine generation (temperature 1, top-p 1)",
-                       ["rows", "prompt", "max_new_tokens", "dtype", "tokens", "seconds",
-                        "tokens_per_s", "peak_gib"]),
-        "sharing": ("Prompt sharing vs unshared (fp32)",
-                    ["setup", "layers", "logp_max_abs_diff", "entropy_max_abs_diff",
-                     "grad_max_rel_diff", "equal"])}
-    for name, (title, columns) in tables.items():
-        if name not in report:
-            continue
-        rows = report[name] if isinstance(report[name], list) else [report[name]]
-        lines += [f"## {title}", "", "| " + " | ".join(columns) + " | error |",
-                  "|" + "---|" * (len(columns) + 1)]
-        for row in rows:
-            cells = ["" if row.get(c) is None else str(row.get(c)) for c in columns]
-            note = row.get("error", row.get("skipped", ""))
-            lines.append("| " + " | ".join(cells) + f" | {note} |")
-        lines.append("")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,12 @@ def test_gpu_check_runs_tiny_without_the_packages_missing_there(tmp_path: Path) 
         assert case["seconds"] > 0 and case["peak_gib"] is None  # no GPU memory on CPU
         assert case["grad_norm"] > 0  # also through the checkpointed layers into the adapters
 
+    for case in report["lora_sync"]:  # FSDP1, FSDP2: gathered + merged = unsharded merge
+        assert "error" not in case, case
+        # by hand: 2 norms, q/k/v weight + bias, o, gate, up, down a layer; embeddings, norm, head
+        assert case["same_names"] is True and case["tensors"] == 2 * 12 + 3
+        assert case["max_abs_diff"] < 1e-6
+
     logprobs = {c["implementation"]: c for c in report["logprobs"]}
     assert set(logprobs) == {"naive", "dgpo keep_gib=1", "dgpo keep_gib=0"}
     for case in logprobs.values():
@@ -64,5 +70,5 @@ def test_gpu_check_runs_tiny_without_the_packages_missing_there(tmp_path: Path) 
         assert case["equal"] is True and case["grad_max_rel_diff"] < 1e-3
 
     markdown = (tmp_path / "gpu_check.md").read_text()
-    for title in ("## Training", "## Log-probs", "## Transformers engine", "## Prompt sharing"):
+    for title in ("## Training", "## LoRA", "## Log-probs", "## Transformers", "## Prompt sharing"):
         assert title in markdown
