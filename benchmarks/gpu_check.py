@@ -65,7 +65,7 @@ from gpu_check_lib import (  # noqa: E402
 
 from dgpo.distributed import call_in_forward, full_weights  # noqa: E402
 from dgpo.logprobs import sequence_logprobs, token_logprobs  # noqa: E402
-from dgpo.lora import apply_lora, engine_weights  # noqa: E402
+from dgpo.lora import adapters_disabled, apply_lora, engine_weights  # noqa: E402
 from dgpo.losses import DGPOLoss  # noqa: E402
 from dgpo.optim import clip_grad_norm  # noqa: E402
 from dgpo.rollout.engine import SamplingConfig  # noqa: E402
@@ -174,14 +174,27 @@ def check_lora_sync(sizes: Sizes, device: torch.device) -> list[dict[str, Any]]:
 
 
 def lora_sync_case(sizes: Sizes, device: torch.device, strategy: str) -> dict[str, Any]:
-    """The engine's merged weights of a sharded LoRA policy against the unsharded merge."""
+    """A sharded LoRA policy (fp32, checkpointed layers) against itself before sharding.
+
+    The engine's merged weights gathered from the shards, the reference log-probs with the
+    adapters disabled, and a backward pass afterwards (the adapters must train again).
+    """
     model = apply_lora(build_model(sizes, device, torch.float32), LORA)
     with torch.no_grad():  # adapters as after some training (B starts at zero)
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.01)
+    batch = grouped_batch(2, 1, sizes.prompt, sizes.response, model.config.vocab_size, device)
+
+    def logprobs(model: torch.nn.Module) -> torch.Tensor:
+        return call_in_forward(model, lambda inner: sequence_logprobs(
+            inner, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+            with_entropy=False, same_calls=True))[0]
+
     expected = {name: tensor.clone() for name, tensor in engine_weights(model)}
-    model = shard(model, strategy, checkpointing=True, device=device)
+    with torch.no_grad(), adapters_disabled(model):
+        expected_reference = logprobs(model)
+    model = shard(model, strategy, checkpointing=True, device=device, mixed=False)
     synchronize(device)
     begin = time.perf_counter()
     names, diff = [], 0.0
@@ -189,8 +202,14 @@ def lora_sync_case(sizes: Sizes, device: torch.device, strategy: str) -> dict[st
         names.append(name)
         diff = max(diff, float((tensor - expected[name]).abs().max()))
     synchronize(device)
-    return {"seconds": round(time.perf_counter() - begin, 3), "tensors": len(names),
-            "same_names": sorted(names) == sorted(expected), "max_abs_diff": diff}
+    seconds = time.perf_counter() - begin
+    with torch.no_grad(), adapters_disabled(model):
+        reference = logprobs(model)
+    (logprobs(model) * batch["response_mask"]).sum().backward()
+    return {"seconds": round(seconds, 3), "tensors": len(names),
+            "same_names": sorted(names) == sorted(expected), "max_abs_diff": diff,
+            "reference_max_abs_diff": float((reference - expected_reference).abs().max()),
+            "grad_norm_after": float(clip_grad_norm(model, None))}
 
 
 def naive_logprobs(hidden: torch.Tensor, weight: torch.Tensor,

@@ -180,8 +180,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         "generation": ("Transformers engine generation (temperature 1, top-p 1)",
                        ["rows", "prompt", "max_new_tokens", "dtype", "tokens", "seconds",
                         "tokens_per_s", "peak_gib"]),
-        "lora_sync": ("LoRA policy to engine: merged weights gathered from the shards",
-                      ["strategy", "tensors", "same_names", "max_abs_diff", "seconds"]),
+        "lora_sync": ("Sharded LoRA policy (fp32, checkpointing): engine weights, reference",
+                      ["strategy", "tensors", "same_names", "max_abs_diff", "seconds",
+                       "reference_max_abs_diff", "grad_norm_after"]),
         "sharing": ("Prompt sharing vs unshared (fp32)",
                     ["setup", "layers", "logp_max_abs_diff", "entropy_max_abs_diff",
                      "grad_max_rel_diff", "equal"])}

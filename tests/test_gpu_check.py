@@ -52,6 +52,8 @@ def test_gpu_check_runs_tiny_without_the_packages_missing_there(tmp_path: Path) 
         # by hand: 2 norms, q/k/v weight + bias, o, gate, up, down a layer; embeddings, norm, head
         assert case["same_names"] is True and case["tensors"] == 2 * 12 + 3
         assert case["max_abs_diff"] < 1e-6
+        assert case["reference_max_abs_diff"] < 1e-5  # adapters off = the base model, sharded
+        assert case["grad_norm_after"] > 0  # and on again: the adapters train
 
     logprobs = {c["implementation"]: c for c in report["logprobs"]}
     assert set(logprobs) == {"naive", "dgpo keep_gib=1", "dgpo keep_gib=0"}
