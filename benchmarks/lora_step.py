@@ -78,9 +78,9 @@ def measure(args: argparse.Namespace) -> dict:
     mask[:, args.prompt - 1:] = True
     advantages = torch.randn(args.rows)
     loss_fn = DGPOLoss()
-    seconds = []
+    seconds, cpu_seconds = [], []
     for step in range(1 + args.steps):
-        begin = time.perf_counter()
+        begin, cpu_begin = time.perf_counter(), time.process_time()
         logp, _ = sequence_logprobs(model, ids, attention, mask)
         loss_fn(logp, logp.detach(), advantages, mask, num_tokens=mask.sum()).loss.backward()
         clip_grad_norm(model, 1.0)
@@ -88,8 +88,11 @@ def measure(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if step:
             seconds.append(time.perf_counter() - begin)
+            cpu_seconds.append(time.process_time() - cpu_begin)
     record = {"mode": args.run, "rows": args.rows, "tokens": args.rows * width,
               "seconds_per_step": round(statistics.median(seconds), 3),
+              # CPU time of all threads: comparable between runs on a shared, loaded machine
+              "cpu_seconds_per_step": round(statistics.median(cpu_seconds), 3),
               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
               "trainable_params": sum(p.numel() for p in params),
               "total_params": sum(p.numel() for p in model.parameters())}
