@@ -72,5 +72,6 @@ def test_gpu_check_runs_tiny_without_the_packages_missing_there(tmp_path: Path) 
         assert case["equal"] is True and case["grad_max_rel_diff"] < 1e-3
 
     markdown = (tmp_path / "gpu_check.md").read_text()
-    for title in ("## Training", "## LoRA", "## Log-probs", "## Transformers", "## Prompt sharing"):
+    for title in ("## Training", "## Sharded LoRA", "## Log-probs", "## Transformers",
+                  "## Prompt sharing"):
         assert title in markdown
