@@ -7,7 +7,7 @@ EXTRAS ?= cpu,dev
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install quickstart test docs lint clean
+.PHONY: install quickstart test docs lint clean gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ docs: install
 
 lint: install
 	$(VENV)/bin/ruff check dgpo tests benchmarks
+
+# One-GPU check (benchmarks/gpu_check.py): no venv, no install; the machine's own python with
+# torch, lightning, transformers and peft (see the script's docstring). Tiny sizes without CUDA.
+gpu-check:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py --out runs/gpu-check
 
 clean:
 	rm -rf $(VENV) runs site
