@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SHARED_DATA
+from tests.data.conftest import SHARED_DATA
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedTokenizerFast

@@ -5,7 +5,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SHARED_DATA
+from tests.data.conftest import SHARED_DATA
 
 from dgpo.data import load_problems
 
