@@ -78,11 +78,8 @@ class DGPOCLI(LightningCLI):
         """Build the objects; a bad value's own message comes first (see :func:`reason_first`)."""
         try:
             super().instantiate_classes()
-        except ValueError as error:
-            reason = reason_first(error)
-            if reason is None:
-                raise
-            raise ConfigError(reason) from error
+        except ValueError as error:  # a class refused its arguments: a configuration error
+            raise ConfigError(reason_first(error) or str(error)) from error
 
     def _parse_ckpt_path(self) -> None:
         if self.config.get("subcommand") in (None, "fit"):

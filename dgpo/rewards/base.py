@@ -45,7 +45,8 @@ class RewardOutput:
             out gets :data:`DEFAULT_REDUCTION` (``"mean"``), filled in here, so after
             construction ``reductions`` names every metric.
         correct: Per-sample correctness (``N`` bools), or None when the reward has no notion of
-            it (the training loop then counts a score > 0 as correct).
+            it (the training loop then logs no ``solve_all``/``solve_none``, only
+            ``zero_variance`` from the scores).
 
     Raises:
         ValueError: If a reduction is not one of ``"mean"``, ``"sum"``, ``"max"``, ``"min"``.

@@ -378,7 +378,10 @@ class RolloutCallback(Callback):
             "rollout/truncated_fraction": truncated.mean(),
             "rollout/sync_logp_diff_max": torch.tensor(sync["max"]),
             "rollout/sync_logp_diff_mean": torch.tensor(sync["mean"]),
-            "rollout/tokens_per_second": lengths.sum() / max(timings["generation"], 1e-9),
+            # every generated token (all draws) over the time spent generating them
+            "rollout/tokens_per_second": sum(len(c.token_ids) for d in draws
+                                             for c in d.completions)
+            / max(timings["generation"], 1e-9),
         }
         if self.mask_truncated:
             metrics["rollout/masked_truncated"] = truncated.sum()
