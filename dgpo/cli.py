@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Any
@@ -11,6 +12,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dgpo.console import VERBOSE_HELP, quiet_console, split_verbose
 from dgpo.data import RLVRDataModule
+from dgpo.lora import export_merged
 from dgpo.module import RLVRModule
 from dgpo.progress import EpochSummary
 from dgpo.rollout import RolloutCallback, RolloutEngine
@@ -19,7 +21,8 @@ from dgpo.sweep import main as sweep_main
 SUBCOMMANDS = ("fit", "validate", "test")
 PROG = "dgpo"
 DESCRIPTION = ("dgpo: reinforcement learning with verifiable rewards on LLMs (DGPO and peer "
-               "losses). Also: `dgpo sweep --help`, losses x seeds with confidence intervals.")
+               "losses). Also: `dgpo sweep --help` (losses x seeds with confidence intervals) and "
+               "`dgpo export CKPT OUT_DIR` (a checkpoint as a Hugging Face folder).")
 
 
 class DGPOCLI(LightningCLI):
@@ -114,6 +117,19 @@ def reason_first(error: ValueError) -> str | None:
     return "\n".join([*reasons, "", f"(jsonargparse: {text})"])
 
 
+def export_main(argv: list[str]) -> int:
+    """``dgpo export CKPT OUT_DIR``: a checkpoint's policy as a Hugging Face folder.
+
+    A LoRA checkpoint is merged into its base model (:func:`dgpo.lora.export_merged`).
+    """
+    parser = argparse.ArgumentParser(prog=f"{PROG} export", description=export_main.__doc__)
+    parser.add_argument("checkpoint", help="a dgpo checkpoint (e.g. .../checkpoints/last.ckpt)")
+    parser.add_argument("out_dir", help="the folder to write (config, weights, tokenizer)")
+    options = parser.parse_args(argv)
+    print(export_merged(options.checkpoint, options.out_dir))
+    return 0
+
+
 def _ranks_per_engine(engine: RolloutEngine) -> Any:
     return engine.ranks_per_engine
 
@@ -132,6 +148,8 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DG
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and argv[:1] == ["sweep"]:  # `dgpo sweep ...`: dgpo.sweep
         sys.exit(sweep_main(argv[1:]))
+    if isinstance(argv, list) and argv[:1] == ["export"]:  # `dgpo export CKPT OUT_DIR`
+        sys.exit(export_main(argv[1:]))
     command_line = args is None
     if args is None:  # drop --verbose from sys.argv, which LightningCLI then reads
         verbose, rest = split_verbose(sys.argv[1:])

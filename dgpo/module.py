@@ -23,6 +23,12 @@ from dgpo.evaluation.config import EvalConfig
 from dgpo.evaluation.evaluator import Evaluator
 from dgpo.evaluation.hooks import EvaluationHooks
 from dgpo.loading import DTYPES, load_causal_lm, wrap_from_rank0
+from dgpo.lora import (
+    LoraSettings,
+    allow_missing_base_weights,
+    apply_lora,
+    drop_frozen_base_weights,
+)
 from dgpo.losses import (
     KL_ESTIMATORS,
     PolicyLoss,
@@ -109,6 +115,10 @@ class RLVRModule(PolicyScoring, EvaluationHooks, LightningModule):
             ``"sequence_truncate"``, ``"sequence_mask"``, or ``None`` (off). Metrics under
             ``rollout/mismatch/``.
         correction_cap: the upper bound of the correction weights (TRL's default: 3.0).
+        lora: LoRA adapters (:class:`~dgpo.lora.LoraSettings`: ``r``, ``alpha``, ``dropout``,
+            ``target_modules``); only they are trained and saved, the KL reference is the same
+            model with the adapters off, and engines receive the merged weights. ``None``: full
+            fine-tuning.
         correction_low: their lower bound (``None``: as :func:`~dgpo.losses.rollout_correction`
             defines).
 
@@ -131,7 +141,7 @@ class RLVRModule(PolicyScoring, EvaluationHooks, LightningModule):
                  temperature: float = 1.0, max_skipped_steps: int = 3,
                  kl_estimator: KLEstimator = "k3",
                  rollout_correction: CorrectionMode | None = None, correction_cap: float = 3.0,
-                 correction_low: float | None = None) -> None:
+                 correction_low: float | None = None, lora: LoraSettings | None = None) -> None:
         super().__init__()
         evaluation = EvalConfig.build(evaluation)  # a dict when loaded from a checkpoint
         loss = resolve_loss(loss)  # a dict (class_path, init_args) when loaded from a checkpoint
@@ -159,7 +169,10 @@ class RLVRModule(PolicyScoring, EvaluationHooks, LightningModule):
                 f"max_skipped_steps must be an integer >= 0, got {max_skipped_steps!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
-        self.save_hyperparameters(ignore=["loss", "evaluation", "engine"])
+        lora = LoraSettings.build(lora)  # a dict when loaded from a checkpoint
+        self.save_hyperparameters(ignore=["loss", "evaluation", "engine", "lora"])
+        self.hparams["lora"] = None if lora is None else asdict(lora)
+        self.lora = lora
         self.hparams["evaluation"] = asdict(evaluation)  # plain values: weights_only loading
         self.hparams["loss"] = loss_config(loss)  # class_path + init_args: load_from_checkpoint
         self.evaluator = Evaluator(evaluation, engine)
@@ -177,26 +190,11 @@ class RLVRModule(PolicyScoring, EvaluationHooks, LightningModule):
         # hides it from Lightning's parameter-by-parameter load of full checkpoints).
         self.register_state_dict_post_hook(drop_reference_weights)
         self.register_load_state_dict_post_hook(allow_missing_reference_weights)
+        if lora is not None:  # checkpoints hold the adapters; the frozen base reloads
+            self.register_state_dict_post_hook(drop_frozen_base_weights)
+            self.register_load_state_dict_post_hook(allow_missing_base_weights)
 
     # ----------------------------------------------------------------------------------- models
-    @property
-    def model_path(self) -> str:
-        """Local folder (or hub id) of the initial policy; built-in models are materialised here."""
-        if self._model_path is None or self._model_path.startswith("builtin:"):
-            self._model_path = resolve_model(self.model_name_or_path)
-        return self._model_path
-
-    @property
-    def tokenizer(self) -> Any:
-        """The policy's tokenizer (loaded on first use)."""
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-            if self._tokenizer.pad_token_id is None:
-                self._tokenizer.pad_token = self._tokenizer.eos_token
-        return self._tokenizer
-
     def configure_model(self) -> None:
         """Load the policy (and the reference model when ``kl_coef > 0``) once.
 
@@ -208,11 +206,14 @@ class RLVRModule(PolicyScoring, EvaluationHooks, LightningModule):
             return
         check_module_sharding(self._trainer.strategy if self._trainer is not None else None)
         policy = self._load_model().train()  # from_pretrained returns eval mode
+        if self.lora is not None:
+            policy = apply_lora(policy, self.lora)
         if self.hparams.gradient_checkpointing:
-            policy.gradient_checkpointing_enable()
+            policy.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.config.use_cache = False
         self.policy = self._shard(policy)
-        if self.hparams.kl_coef > 0:
+        if self.hparams.kl_coef > 0 and self.lora is None:  # LoRA: the adapters switched off
             self.reference = self._shard(self._load_model().eval().requires_grad_(False))
 
     def _shard(self, model: torch.nn.Module) -> torch.nn.Module:

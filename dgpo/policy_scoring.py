@@ -16,6 +16,8 @@ from torch import Tensor
 from dgpo.batching import has_dropout, micro_batches
 from dgpo.distributed import call_in_forward, full_weights
 from dgpo.logprobs import sequence_logprobs
+from dgpo.lora import adapters_disabled, engine_weights
+from dgpo.models import resolve_model
 from dgpo.rollout.buffer import RolloutSample, collate_samples
 from dgpo.strategies import strategy_kind
 
@@ -24,12 +26,33 @@ class PolicyScoring:
     """Log-probs of rollout samples and the policy's weights for an engine (see the module)."""
 
     hparams: Any
+    lora: Any
     policy: torch.nn.Module | None
     reference: torch.nn.Module | None
     trainer: Any
     _trainer: Any
-    tokenizer: Any
+    model_name_or_path: str
+    _model_path: str | None
+    _tokenizer: Any
     device: torch.device
+
+    @property
+    def model_path(self) -> str:
+        """Local folder (or hub id) of the initial policy; built-in models are materialised here."""
+        if self._model_path is None or self._model_path.startswith("builtin:"):
+            self._model_path = resolve_model(self.model_name_or_path)
+        return self._model_path
+
+    @property
+    def tokenizer(self) -> Any:
+        """The policy's tokenizer (loaded on first use)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+            if self._tokenizer.pad_token_id is None:
+                self._tokenizer.pad_token = self._tokenizer.eos_token
+        return self._tokenizer
 
     @property
     def sampling_temperature(self) -> float:
@@ -38,8 +61,12 @@ class PolicyScoring:
 
     @property
     def has_reference(self) -> bool:
-        """Whether a frozen reference model is loaded (``kl_coef > 0``) for ``score_samples``."""
-        return self.reference is not None
+        """Whether ``score_samples(reference=True)`` works: a KL penalty is on (``kl_coef > 0``).
+
+        The reference is the frozen initial model, or with LoRA the policy with its adapters off.
+        """
+        return self.reference is not None or (self.lora is not None
+                                              and self.hparams.kl_coef > 0)
 
     def policy_for_engine(self) -> torch.nn.Module | None:
         """The policy module an engine may sample from in place, or None when it is sharded.
@@ -82,11 +109,10 @@ class PolicyScoring:
         every rank must consume the iterator (see :func:`dgpo.distributed.full_weights`).
         """
         assert self.policy is not None, "configure_model() has not run"
-        if self.sharded:
-            yield from full_weights(self.policy)
-            return
-        for name, tensor in self.policy.state_dict().items():
-            yield name, tensor.detach()
+        named = full_weights(self.policy) if self.sharded else (
+            (name, tensor.detach()) for name, tensor in self.policy.state_dict().items())
+        # LoRA: W + scale·B@A under the base model's names, the policy left as it is
+        yield from engine_weights(self.policy, named) if self.lora is not None else named
 
     # -------------------------------------------------------------------------------- log-probs
     def _logprobs(self, model: torch.nn.Module, batch: dict[str, Tensor], with_entropy: bool,
@@ -111,6 +137,9 @@ class PolicyScoring:
         micro-batches than another repeats one (or a one-token filler) so that all ranks make the
         same forward passes.
         """
+        if reference and self.lora is not None:  # the same model, adapters off
+            with adapters_disabled(self.policy):
+                return self.score_samples(samples, temperature=temperature)
         model = self.reference if reference else self.policy
         assert model is not None, "the model is not loaded (configure_model) or kl_coef is 0"
         out: list[Tensor] = [torch.empty(0)] * len(samples)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import LogitsProcessor
 
+from dgpo.lora import find_peft_model
 from dgpo.models import resolve_model
 from dgpo.rollout.engine import Completion, RolloutEngine, SamplingConfig, check_prompts
 
@@ -189,6 +190,10 @@ class TransformersEngine(RolloutEngine):
             ValueError: naming the parameters the module does not have.
 
         """
+        if find_peft_model(self.module) is not None:  # it samples from the LoRA policy itself
+            for _ in named_tensors:  # consumed: under FSDP gathering them is a collective
+                pass
+            return
         state = self.module.state_dict(keep_vars=True)
         unknown = []
         with torch.no_grad():
