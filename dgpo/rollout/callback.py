@@ -23,6 +23,7 @@ from dgpo.rewards import (
     start_reward,
 )
 from dgpo.rollout.buffer import RolloutSample
+from dgpo.rollout.completions import CompletionsTable
 from dgpo.rollout.engine import Completion, RolloutEngine, SamplingConfig
 from dgpo.rollout.groups import (
     Batch,
@@ -97,6 +98,8 @@ class RolloutCallback(Callback):
             (see :func:`~dgpo.rollout.groups.overlong_penalties`); ``None``: off. The reward's own
             metrics (``rollout/reward/accuracy``) stay unshaped.
         overlong_penalty: the penalty at ``max_new_tokens``.
+        completions: a :class:`~dgpo.rollout.completions.CompletionsTable` that writes the
+            trained rollouts' completions to ``completions.jsonl`` (``None``: none).
 
     Raises:
         ValueError: for sizes that cannot work (checked before any model is loaded).
@@ -116,7 +119,8 @@ class RolloutCallback(Callback):
                  reward_timeout_s: float | None = DEFAULT_REWARD_TIMEOUT_S,
                  dynamic_sampling: bool = False, max_draws: int = 4,
                  mask_truncated: bool = False, overlong_buffer: float | None = None,
-                 overlong_penalty: float = 1.0) -> None:
+                 overlong_penalty: float = 1.0,
+                 completions: CompletionsTable | None = None) -> None:
         super().__init__()
         for name, value in (("n", n), ("rollout_batch_size", rollout_batch_size),
                             ("mini_batch_size", mini_batch_size), ("ppo_epochs", ppo_epochs),
@@ -166,6 +170,7 @@ class RolloutCallback(Callback):
         self.mask_truncated = mask_truncated
         self.overlong_buffer = overlong_buffer
         self.overlong_penalty = overlong_penalty
+        self.completions = completions
         self._train_started = 0.0
         self._ranks_per_engine = 1
         self._engines = 1
@@ -271,6 +276,8 @@ class RolloutCallback(Callback):
         self.last_rollout = RolloutRecord(epoch, batch.prompts, batch.completions,
                                           scores.flatten().tolist(), advantages.tolist(),
                                           batch.reward.details)
+        if self.completions is not None:
+            self.completions.write(trainer, self.last_rollout)
         filter_metrics = {"draws": len(draws), "groups_generated": len(signal),
                           "groups_kept": int(signal.sum().clamp(max=self.rollout_batch_size)),
                           "kept_fraction": float(signal.float().mean()), "filled_groups": filled}

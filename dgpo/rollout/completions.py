@@ -6,11 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import WandbLogger
-from typing_extensions import override
 
-from dgpo.rollout.callback import RolloutCallback
 from dgpo.rollout.groups import RolloutRecord
 
 #: The table's columns, in order.
@@ -18,8 +16,11 @@ COLUMNS = ("epoch", "prompt", "completion", "answer", "parsed_answer", "reward",
            "length", "truncated", "status")
 
 
-class CompletionsTable(Callback):
-    """Appends the last rollout's completions to ``<run dir>/completions.jsonl`` every k epochs.
+class CompletionsTable:
+    """Appends a rollout's completions to ``<run dir>/completions.jsonl`` every k epochs.
+
+    The rollout callback owns it (``rollout.completions``) and hands it each rollout it trains
+    on, so the table sees exactly what the rollout returned.
 
     One JSON object per completion with the keys in :data:`COLUMNS`: the epoch, the prompt text,
     the completion, the gold answer, the answer the reward parsed (``None`` when it found none),
@@ -46,13 +47,12 @@ class CompletionsTable(Callback):
         self.max_prompts = max_prompts
         self.filename = filename
 
-    @override
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs:
+    def write(self, trainer: Trainer, record: RolloutRecord) -> None:
+        """Append ``record`` when its epoch is one of every ``every_n_epochs`` (all ranks call)."""
+        if (record.epoch + 1) % self.every_n_epochs:
             return
         directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: all ranks
-        record = self._last_rollout(trainer)
-        if record is not None and trainer.is_global_zero:
+        if trainer.is_global_zero:
             self._write(trainer, directory, self.rows(record))
 
     def rows(self, record: RolloutRecord) -> list[dict[str, Any]]:
@@ -87,10 +87,3 @@ class CompletionsTable(Callback):
                 logger.log_table(key="rollout/completions", columns=list(COLUMNS),
                                  data=[[row[column] for column in COLUMNS] for row in rows],
                                  step=trainer.global_step)
-
-    @staticmethod
-    def _last_rollout(trainer: Trainer) -> RolloutRecord | None:
-        for callback in trainer.callbacks:
-            if isinstance(callback, RolloutCallback):
-                return callback.last_rollout
-        raise ValueError("CompletionsTable needs a RolloutCallback in trainer.callbacks")
