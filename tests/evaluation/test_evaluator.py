@@ -55,7 +55,7 @@ def prompt(key: int, answer: str, alternatives: list[str] | None = None) -> Prom
 
 def fake_module(engine: RolloutEngine) -> SimpleNamespace:
     weights = {"w": torch.zeros(2)}
-    return SimpleNamespace(rollout_engine=engine, policy=None, model_path="m", device="cpu",
+    return SimpleNamespace(policy_for_engine=lambda: None, model_path="m", device="cpu",
                            named_weights_for_engine=lambda: iter(weights.items()))
 
 
@@ -80,6 +80,7 @@ def loaders(*names: str) -> list:
 
 def test_evaluator_counts_metrics_per_benchmark_and_mean(evaluator: Evaluator) -> None:
     engine = ScriptedEngine(SCRIPT)
+    evaluator.engine = engine  # the config's engine: section, handed over by the CLI
     evaluator.start(fake_module(engine), loaders("a", "b"))
     assert engine.loaded == 1, "the policy's weights go into the engine first"
     evaluator.step(BenchmarkBatch("a", [prompt(1, "3"), prompt(2, "9")]), 0)
