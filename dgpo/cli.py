@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from dgpo.data import RLVRDataModule
 from dgpo.module import RLVRModule
+from dgpo.runs import interrupted_exit, prepare_fit, reopen_run_logs
 
 
 class DGPOCLI(LightningCLI):
@@ -22,8 +23,20 @@ class DGPOCLI(LightningCLI):
     """
 
     def _parse_ckpt_path(self) -> None:
+        if self.config.get("subcommand") == "fit":  # run folder, `--ckpt_path last` (dgpo.runs)
+            prepare_fit(self.config["fit"])
         if self.config.get("subcommand") in (None, "fit"):
             super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        """A resumed run continues its folder's logs (:func:`dgpo.runs.reopen_run_logs`)."""
+        reopen_run_logs(self.trainer, self.config_init["fit"]["ckpt_path"])
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit as error:  # SIGTERM/SIGINT: a non-zero exit (dgpo.runs)
+            raise interrupted_exit(getattr(self, "trainer", None), error) from None
 
 
 def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DGPOCLI:
