@@ -42,7 +42,10 @@ def main() -> None:
     if "RANK" not in os.environ:
         launch(args)
     else:
+        from dgpo.distributed import release_process_group
+
         measure(args)
+        release_process_group()  # the sharded model is gone: gloo's threads end here
 
 
 def launch(args: argparse.Namespace) -> None:
@@ -133,7 +136,6 @@ def measure(args: argparse.Namespace) -> None:
         print(f"sharded_logprobs {strategy} x{args.ranks}: {args.groups}x{args.samples} rows of "
               f"{args.prompt}+{args.response} tokens{checkpointing}: plain {plain:.2f} s, shared "
               f"{shared:.2f} s, ratio {plain / shared:.2f}x", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

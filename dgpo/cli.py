@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
 from dgpo.data import RLVRDataModule
+from dgpo.distributed import release_process_group
 from dgpo.module import RLVRModule
 from dgpo.runs import interrupted_exit, prepare_fit, reopen_run_logs
 
@@ -43,8 +45,11 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DG
     """Run the CLI (``args`` as on the command line; ``None`` reads ``sys.argv``).
 
     Environment variables for an in-process vLLM engine on CPU are set here, and only here,
-    unless the caller already set them.
+    unless the caller already set them. The process group of a multi-process run is released at
+    exit (:func:`dgpo.distributed.release_process_group`).
     """
+    atexit.unregister(release_process_group)  # once, however often main runs in a process
+    atexit.register(release_process_group)  # gloo's threads end before the interpreter does
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return DGPOCLI(

@@ -43,8 +43,6 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
 #: Exit codes of an interrupted fit, as a shell reports a process killed by the signal.
 EXIT_SIGTERM, EXIT_SIGINT = 128 + 15, 128 + 2
-#: Run-folder files that show a folder already holds a run.
-RUN_FILES = ("metrics.csv", "completions.jsonl", "checkpoints")
 
 
 def is_launch_rank_zero() -> bool:
@@ -61,12 +59,13 @@ def prepare_fit(config: Namespace) -> None:
 
     Called on the parsed ``fit`` config before anything is instantiated. On global rank 0 a logger
     without a ``version`` gets the next free one, claimed with ``os.mkdir``; a config that names
-    an existing run's folder must resume it (``--ckpt_path``).
+    an existing run's folder must resume it (``--ckpt_path``) if that run saved a checkpoint
+    (:func:`start_over`).
 
     Raises:
         ValueError: for a no-op run (``max_epochs 0``, ``max_steps 0``,
             ``limit_train_batches 0``), for ``--ckpt_path last`` without a ``last.ckpt`` (naming
-            the paths looked at), and for a fresh fit into a folder that already holds a run.
+            the paths looked at), and for a fresh fit into a folder whose run has checkpoints.
     """
     _check_trains_something(config.trainer)
     loggers = folder_loggers(config.trainer.logger)
@@ -78,13 +77,29 @@ def prepare_fit(config: Namespace) -> None:
         if init_args.version is None:
             init_args.version = claim_version(Path(root_dir(init_args)))
         elif config.ckpt_path is None:
-            folder = run_folder(init_args)
-            held = [name for name in RUN_FILES if (folder / name).exists()]
-            if held:
-                raise ValueError(
-                    f"trainer.logger version {init_args.version!r}: {folder} already holds a run "
-                    f"({', '.join(held)}); resume it with --ckpt_path last, or start a new run "
-                    "from a config without trainer.logger.init_args.version")
+            start_over(run_folder(init_args))
+
+
+def start_over(folder: Path) -> None:
+    """A fresh fit into a named run folder: an error if the run there has checkpoints.
+
+    A run stopped before its first checkpoint (preempted in epoch 0) cannot be resumed; its logs
+    (``metrics.csv``, ``*.jsonl``) are removed and the run starts over in its folder.
+
+    Raises:
+        ValueError: when ``folder/checkpoints`` holds a checkpoint.
+    """
+    checkpoints = sorted(path.name for path in (folder / "checkpoints").glob("*"))
+    if checkpoints:
+        raise ValueError(
+            f"{folder} already holds a run with checkpoints ({', '.join(checkpoints)}): resume "
+            "it with --ckpt_path last, or start a new run from a config without "
+            "trainer.logger.init_args.version")
+    for path in [folder / "metrics.csv", *folder.glob("*.jsonl")]:
+        if path.is_file():
+            print(f"dgpo: {path} is from a run that saved no checkpoint; starting over",
+                  file=sys.stderr, flush=True)
+            path.unlink()
 
 
 def _check_trains_something(trainer: Namespace) -> None:
@@ -191,7 +206,7 @@ def reopen_run_logs(trainer: Trainer, ckpt_path: str | None) -> None:
     when it opens its folder, so it is opened here and handed the kept rows and their columns.
     Only global rank 0 writes; a fresh run's (empty) folder is left alone.
     """
-    if ckpt_path is None or not trainer.is_global_zero:
+    if ckpt_path is None or not is_launch_rank_zero():  # the strategy knows no ranks yet
         return
     state = _checkpoint_state(Path(ckpt_path))
     steps = state["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]

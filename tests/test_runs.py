@@ -9,6 +9,7 @@ besides, SIGINT's exit code, three runs started at once into one folder, and the
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -74,11 +75,11 @@ def completions(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "completions.jsonl").read_text().splitlines()]
 
 
-def assert_same_run(folder: Path, reference: Path) -> None:
+def assert_same_run(folder: Path, reference: Path, rtol: float = 1e-5) -> None:
     """Same metric rows (each epoch and step once) and completions as the reference run."""
     got, expected = metrics(folder), metrics(reference)
     assert got[["epoch", "step"]].equals(expected[["epoch", "step"]])
-    pd.testing.assert_frame_equal(got, expected[got.columns], check_exact=False, rtol=1e-5,
+    pd.testing.assert_frame_equal(got, expected[got.columns], check_exact=False, rtol=rtol,
                                   atol=1e-6)
     assert completions(folder) == completions(reference)
 
@@ -200,7 +201,49 @@ def test_runs_ckpt_path_last_errors_name_where_they_looked(tmp_path, tiny_model_
 
 def test_runs_rerunning_a_finished_runs_config_is_an_error(straight, monkeypatch):
     monkeypatch.chdir(straight.parents[2])
-    with pytest.raises(ValueError, match=r"^trainer.logger version 0: runs/tiny/version_0 "
-                                         r"already holds a run \(metrics.csv, completions.jsonl, "
-                                         r"checkpoints\); resume it with --ckpt_path last"):
+    with pytest.raises(ValueError, match=r"^runs/tiny/version_0 already holds a run with "
+                                         r"checkpoints \(epoch=1-step=8.ckpt, last.ckpt\): "
+                                         r"resume it with --ckpt_path last"):
         main(["fit", "--config", "runs/tiny/version_0/config.yaml"])
+
+
+def test_runs_run_without_checkpoint_starts_over_in_its_folder(tmp_path, tiny_model_path,
+                                                               monkeypatch):
+    """A run named by its version (a requeued SLURM job) that died before its first checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    config = write_config(tmp_path, tiny_model_path, **{"trainer.max_epochs": 1})
+    folder = tmp_path / "runs" / "tiny" / "job-7"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_text("epoch,step,train/loss_step\n0,0,1.0\n")
+    (folder / "completions.jsonl").write_text('{"epoch": 0}\n')
+    main(["fit", "--config", str(config), "--trainer.logger.init_args.version", "job-7"])
+    assert sorted(metrics(folder)["step"]) == [0, 1, 2, 3, 3]  # 4 step rows, 1 epoch row
+    assert [row["epoch"] for row in completions(folder)] == [0] * 8
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["job-7"]
+
+
+def test_runs_two_nodes_on_one_machine_match_one_process(tmp_path, tiny_model_path, straight):
+    """``torchrun --nnodes 2 --node_rank {0,1}`` on 127.0.0.1, one process per "node" (gloo)."""
+    config = write_config(tmp_path, tiny_model_path, **{
+        "trainer.num_nodes": 2, "trainer.devices": 1, "trainer.strategy": "ddp"})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+         "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+         "-m", "dgpo", "fit", "--config", str(config)],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    outputs = [finish(node) for node in nodes]
+    for code, output in outputs:
+        assert code == 0, output[-4000:]
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1][1]
+    # rank 0 alone writes: one run folder, one config, one set of logs and checkpoints
+    folder = tmp_path / "runs" / "tiny" / "version_0"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["version_0"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "checkpoints", "completions.jsonl", "config.yaml", "hparams.yaml", "metrics.csv"]
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == [
+        "epoch=1-step=8.ckpt", "last.ckpt"]
+    assert_same_run(folder, straight, rtol=1e-4)  # the scale-out tests' tolerance
