@@ -67,8 +67,7 @@ def wait_for(path: Path, process: subprocess.Popen) -> None:
 
 def metrics(folder: Path) -> pd.DataFrame:
     frame = pd.read_csv(folder / "metrics.csv")
-    return frame[[c for c in frame.columns if not c.startswith(TIMING)]].sort_values(
-        ["step", "epoch"]).reset_index(drop=True)
+    return frame[[c for c in frame.columns if not c.startswith(TIMING)]]
 
 
 def completions(folder: Path) -> list[dict]:
