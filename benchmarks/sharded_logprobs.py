@@ -10,6 +10,7 @@ its KV cache shared by the group's samples) and once without (the baseline), alt
     python benchmarks/sharded_logprobs.py                          # SmolLM2-135M, FSDP1 and FSDP2
     python benchmarks/sharded_logprobs.py --prompt 128 --response 256 --samples 5
     python benchmarks/sharded_logprobs.py --prompt 128 --response 512 --samples 5 --checkpointing
+    python benchmarks/sharded_logprobs.py --strategies ddp     # unsharded, through DDP's forward
 
 Last line per strategy: the median seconds of both and their ratio (baseline / shared).
 """
@@ -29,7 +30,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="builtin:smollm2-135m-instruct")
     parser.add_argument("--strategies", nargs="+", default=["fsdp1", "fsdp2"],
-                        choices=["fsdp1", "fsdp2"])
+                        choices=["fsdp1", "fsdp2", "ddp"], help="ddp: the unsharded baseline")
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--groups", type=int, default=2, help="distinct prompts per rank")
     parser.add_argument("--samples", type=int, default=4, help="samples per prompt (n)")
@@ -42,7 +43,10 @@ def main() -> None:
     if "RANK" not in os.environ:
         launch(args)
     else:
+        from dgpo.distributed import release_process_group
+
         measure(args)
+        release_process_group()  # the sharded model is gone: gloo's threads end here
 
 
 def launch(args: argparse.Namespace) -> None:
@@ -73,7 +77,7 @@ def measure(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from dgpo.distributed import call_in_forward
+    from dgpo.distributed import call_in_forward, call_through
     from dgpo.logprobs import sequence_logprobs
     from dgpo.strategies import _checkpoint_layers
 
@@ -92,6 +96,12 @@ def measure(args: argparse.Namespace) -> None:
                                          device_id=torch.device("cpu"), use_orig_params=True)
         if args.checkpointing:  # after wrapping, as Lightning's activation_checkpointing_policy
             _checkpoint_layers(model, (layer,))
+    elif strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        if args.checkpointing:
+            _checkpoint_layers(model, (layer,))
+        model = DistributedDataParallel(model)
     else:
         from torch.distributed.fsdp import fully_shard
 
@@ -113,9 +123,14 @@ def measure(args: argparse.Namespace) -> None:
 
     def step(share: bool) -> float:
         start = time.perf_counter()
-        logp, entropy = call_in_forward(model, lambda inner: sequence_logprobs(
-            inner, input_ids, attention_mask, response_mask, share_prompts=share,
-            same_calls=True))
+        def logprobs(inner: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+            return sequence_logprobs(inner, input_ids, attention_mask, response_mask,
+                                     share_prompts=share, same_calls=True)
+
+        if strategy == "ddp":  # inside DDP's forward, as Lightning calls training_step
+            logp, entropy = call_through(model, model.module, lambda: logprobs(model.module))
+        else:
+            logp, entropy = call_in_forward(model, logprobs)
         (logp.sum() + entropy.sum()).backward()
         model.zero_grad(set_to_none=True)
         dist.barrier()
@@ -133,7 +148,6 @@ def measure(args: argparse.Namespace) -> None:
         print(f"sharded_logprobs {strategy} x{args.ranks}: {args.groups}x{args.samples} rows of "
               f"{args.prompt}+{args.response} tokens{checkpointing}: plain {plain:.2f} s, shared "
               f"{shared:.2f} s, ratio {plain / shared:.2f}x", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import sys
 from typing import Any
@@ -12,10 +13,12 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dgpo.console import VERBOSE_HELP, quiet_console, split_verbose
 from dgpo.data import RLVRDataModule
+from dgpo.distributed import release_process_group
 from dgpo.lora import export_merged
 from dgpo.module import RLVRModule
 from dgpo.progress import EpochSummary
 from dgpo.rollout import RolloutCallback, RolloutEngine
+from dgpo.runs import interrupted_exit, prepare_fit, reopen_run_logs
 from dgpo.sweep import main as sweep_main
 
 SUBCOMMANDS = ("fit", "validate", "test")
@@ -85,8 +88,20 @@ class DGPOCLI(LightningCLI):
             raise ConfigError(reason_first(error) or str(error)) from error
 
     def _parse_ckpt_path(self) -> None:
+        if self.config.get("subcommand") == "fit":  # run folder, `--ckpt_path last` (dgpo.runs)
+            prepare_fit(self.config["fit"])
         if self.config.get("subcommand") in (None, "fit"):
             super()._parse_ckpt_path()
+
+    def before_fit(self) -> None:
+        """A resumed run continues its folder's logs (:func:`dgpo.runs.reopen_run_logs`)."""
+        reopen_run_logs(self.trainer, self.config_init["fit"]["ckpt_path"])
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SystemExit as error:  # SIGTERM/SIGINT: a non-zero exit (dgpo.runs)
+            raise interrupted_exit(getattr(self, "trainer", None), error) from None
 
 
 class ConfigError(ValueError):
@@ -143,8 +158,11 @@ def main(args: list[str] | dict[str, Any] | None = None, run: bool = True) -> DG
 
     Environment variables for an in-process vLLM engine on CPU are set here, and only here,
     unless the caller already set them. The console is quiet (see :mod:`dgpo.console`) unless
-    ``--verbose`` is among the arguments or ``DGPO_VERBOSE=1``.
+    ``--verbose`` is among the arguments or ``DGPO_VERBOSE=1``. The process group of a
+    multi-process run is released at exit (:func:`dgpo.distributed.release_process_group`).
     """
+    atexit.unregister(release_process_group)  # once, however often main runs in a process
+    atexit.register(release_process_group)  # gloo's threads end before the interpreter does
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and argv[:1] == ["sweep"]:  # `dgpo sweep ...`: dgpo.sweep
         sys.exit(sweep_main(argv[1:]))

@@ -10,13 +10,15 @@
   (:func:`load_from_rank0`);
 - running a function inside a sharded model's ``forward`` (:func:`call_through`), so that FSDP
   gathers the parameters the model's root unit holds (embeddings, final norm, LM head) for code
-  that uses the model's parts directly (:func:`dgpo.logprobs.sequence_logprobs`).
+  that uses the model's parts directly (:func:`dgpo.logprobs.sequence_logprobs`);
+- ending the process group before the interpreter exits (:func:`release_process_group`).
 
 Every function is a no-op (or the plain single-process computation) on one rank.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
@@ -392,3 +394,24 @@ def call_through(wrapper: Module, module: Module, function: Callable[[], T]) -> 
         return wrapper()
     finally:
         restore()
+
+
+# ------------------------------------------------------------------------------- shutdown
+def release_process_group() -> None:
+    """Destroy the default process group and let its threads end while Python is still alive.
+
+    Gloo runs each process group's collectives on threads of its own (two workers and a
+    transport loop), which ``destroy_process_group`` leaves running: they end only when the
+    C++ process group is freed, and an FSDP or DDP module (a reference cycle) holds it until the
+    garbage collector runs, at interpreter exit. A worker that then drops the last reference of
+    a tensor owned by a Python object must take the GIL of a finalising interpreter, which ends
+    the thread mid-destructor: "terminate called without an active exception", SIGABRT, after
+    the work is done. Called at exit (``atexit``, registered by :func:`dgpo.cli.main`), when the
+    models are no longer referenced: the collection here frees them and the process group, whose
+    destructor joins the threads. Lightning destroys only NCCL groups at exit. A no-op without a
+    process group.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.destroy_process_group()
+    gc.collect()

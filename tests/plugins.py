@@ -1,6 +1,9 @@
 """User-side plug-ins the end-to-end tests load by ``class_path``, as a user's own module would."""
 
 import json
+import os
+import signal
+from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
@@ -229,3 +232,20 @@ class CountSteps(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         loss = pl_module.loss_fn
         loss.step = trainer.current_epoch * trainer.num_training_batches + batch_idx
+
+
+class SigkillOnce(Callback):
+    """``kill -9`` of its own process at the end of epoch ``epoch``, once (a ``marker`` file).
+
+    Placed after ``CompletionsTable`` it fires after that epoch's completions are written and
+    before its checkpoint (Lightning runs ``ModelCheckpoint`` last): the worst moment to die.
+    """
+
+    def __init__(self, epoch: int, marker: str) -> None:
+        self.epoch = epoch
+        self.marker = marker
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch and not Path(self.marker).exists():
+            Path(self.marker).touch()
+            os.kill(os.getpid(), signal.SIGKILL)

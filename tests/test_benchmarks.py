@@ -37,11 +37,13 @@ def test_rollout_overhead_benchmark_prints_the_ratio():
 
 
 def test_sharded_logprobs_benchmark_launches_two_ranks_per_strategy():
+    strategies = ("fsdp1", "fsdp2", "ddp")
     done = subprocess.run([sys.executable, str(BENCHMARKS / "sharded_logprobs.py"), "--model",
                            "builtin:tiny-qwen2", "--prompt", "8", "--response", "8",
-                           "--repeats", "1"], capture_output=True, text=True, timeout=600)
+                           "--repeats", "1", "--strategies", *strategies],
+                          capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()[-2:]
-    for strategy, line in zip(("fsdp1", "fsdp2"), lines, strict=True):
+    lines = done.stdout.strip().splitlines()[-3:]
+    for strategy, line in zip(strategies, lines, strict=True):
         assert re.fullmatch(rf"sharded_logprobs {strategy} x2: 2x4 rows of 8\+8 tokens: plain "
                             r"[\d.]+ s, shared [\d.]+ s, ratio [\d.]+x", line), line

@@ -1,4 +1,11 @@
-"""The scale-out helpers on one process: shards, reductions, full weights and mini-batch slices."""
+"""The scale-out helpers: shards, reductions, full weights, mini-batch slices, gloo at exit."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +189,21 @@ def test_vllm_weight_stream_checks_each_layer_and_sends_a_tied_head_once():
     partial = names("model.layers.0.self_attn", ["q_proj", "k_proj"])
     with pytest.raises(ValueError, match="v_proj"):
         list(_by_layer(partial))
+
+
+def test_release_process_group_ends_gloo_threads_before_exit(tmp_path):
+    """The cause of the SIGABRT at the end of 2-rank runs: gloo threads alive at exit."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(port), str(Path(__file__).parent / "gloo_release.py"), str(tmp_path / "counts")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        counts = json.loads((tmp_path / f"counts.rank{rank}").read_text())
+        assert counts["working"] > counts["start"], "gloo runs collectives on threads of its own"
+        assert counts["dropped"] == counts["working"], "the model's cycle keeps them alive"
+        assert counts["released"] == counts["start"], counts  # all joined, Python still alive
+        assert counts["initialized"] is False

@@ -7,13 +7,13 @@ from typing import Any
 
 import pytest
 import torch
-from tests.data.conftest import SHARED_DATA
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import PreTrainedTokenizerFast
 
 from dgpo.data import PromptSample, RLVRDataModule
 from dgpo.rollout.buffer import RolloutBuffer
+from tests.data.conftest import SHARED_DATA
 
 WORDS = ["What", "is", "step", "by", "and"]
 

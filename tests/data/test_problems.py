@@ -5,9 +5,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tests.data.conftest import SHARED_DATA
 
 from dgpo.data import load_problems
+from tests.data.conftest import SHARED_DATA
 
 ROWS = [
     {"id": "a", "problem": "What is 1 + 1?", "answer": "2", "level": 1},
