@@ -229,3 +229,23 @@ class CountSteps(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         loss = pl_module.loss_fn
         loss.step = trainer.current_epoch * trainer.num_training_batches + batch_idx
+
+
+class WeightsDump(Callback):
+    """Saves the policy's full (unsharded) state dict at the end of training, on rank 0.
+
+    Peft's names (``base_model.model....q_proj.base_layer.weight``, ``...lora_A.default...``)
+    without wrapper parts; gathered under FSDP1/FSDP2 (a collective on every rank).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from dgpo.distributed import clean_name, full_weights
+
+        named = full_weights(pl_module.policy) if pl_module.sharded else (
+            (clean_name(k), v) for k, v in pl_module.policy.state_dict().items())
+        weights = {name: tensor.detach().clone() for name, tensor in named}
+        if trainer.is_global_zero:
+            torch.save(weights, self.path)
