@@ -56,9 +56,10 @@ class GradientDump(Callback):
 
     For each of ``steps`` (optimiser steps of epoch 0, from 0): the full (unsharded) policy
     weights before the step, the full gradient of every parameter just before the optimiser
-    step, the global policy loss (the sum of the ranks' shares), the rollout buffer (the whole
-    rollout, the same on every rank) and the buffer indices of the global mini-batch, so a test
-    can recompute the step on one process from the same batch. Saved as ``{step: record}``.
+    step, the step's global loss (the policy loss plus the KL and entropy terms, summed over
+    ranks), the rollout buffer (the whole rollout, the same on every rank) and the buffer indices
+    of the global mini-batch, so a test can recompute the step on one process from the same
+    batch. Saved as ``{step: record}``.
     """
 
     def __init__(self, path: str, steps: list[int] | None = None) -> None:
@@ -83,7 +84,7 @@ class GradientDump(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.current_epoch != 0 or batch_idx not in self.records:
             return
-        loss = trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="sum")
+        loss = outputs["loss"]  # the global total: the module sums its ranks' shares
         from dgpo.rollout.buffer import MiniBatchSampler
 
         buffer = trainer.datamodule.buffer
