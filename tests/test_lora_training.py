@@ -64,6 +64,7 @@ def test_lora_trains_only_adapters_saves_them_and_resumes_exactly(tmp_path, tiny
                                torch.tensor(expected.loc[[1], pd_cols].to_numpy()))
 
     # `dgpo test` evaluates the LoRA checkpoint (the config names the same adapters)
+    (tmp_path / "eval").mkdir()
     test_config = eval_config(tmp_path / "eval", tiny_model_path)
     main(["test", "--config", str(test_config), "--model.lora", str(LORA),
           "--ckpt_path", str(checkpoint)])
