@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -24,6 +26,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.nn import Module
+from torch.nn.modules.module import _IncompatibleKeys
 from typing_extensions import override
 
 from dgpo.distributed import load_from_rank0
@@ -237,11 +240,22 @@ class FSDP2Strategy(ModelParallelStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict:
         # Lightning loads a full checkpoint parameter by parameter over every submodule, not
-        # through the module's load_state_dict (whose post-hook accepts the reference model's
-        # absence); the frozen reference model, which checkpoints leave out, must not be looked
-        # for.
-        with _detached(self.lightning_module, "reference"):
-            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        # through the module's load_state_dict, whose post-hooks accept what checkpoints leave
+        # out: the frozen reference model (detached here, so it is not looked for) and a LoRA
+        # policy's frozen base weights (checked against those hooks, then loaded non-strictly).
+        module = self.lightning_module
+        with _detached(module, "reference"):
+            path = Path(self.broadcast(checkpoint_path))
+            if module is None or not module.strict_loading or not path.is_file():
+                return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+            check_full_checkpoint_keys(module, saved["state_dict"].keys(), str(path))
+            del saved
+            module.strict_loading = False
+            try:
+                return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            finally:
+                module.strict_loading = True
 
     def _shard(self, model: Module) -> None:
         """``fully_shard`` every layer of ``model``, then ``model`` itself (idempotent)."""
@@ -288,6 +302,35 @@ class FSDP2Strategy(ModelParallelStrategy):
             if empty:
                 model.to_empty(device=mesh.device_type)
             load_from_rank0(model, full_state)
+
+
+def check_full_checkpoint_keys(module: Module, saved: Iterable[str], source: str) -> None:
+    """Check a full checkpoint's state-dict keys against what ``module`` loads, as strict loading.
+
+    A key that Lightning's parameter-by-parameter loading of a full checkpoint looks for (every
+    parameter and persistent buffer) may be missing only when ``module``'s own
+    ``load_state_dict`` post-hooks accept its absence (e.g. a LoRA policy's frozen base
+    weights, :func:`dgpo.lora.allow_missing_base_weights`); no saved key may be unknown.
+
+    Raises:
+        RuntimeError: naming the first missing or unexpected keys and ``source``.
+    """
+    expected = []
+    for prefix, submodule in module.named_modules():
+        tensors = itertools.chain(submodule.named_buffers(recurse=False),
+                                  submodule.named_parameters(recurse=False))
+        expected += [f"{prefix}.{name}" if prefix else name for name, _ in tensors
+                     if name not in submodule._non_persistent_buffers_set]
+    saved = set(saved)
+    result = _IncompatibleKeys([key for key in expected if key not in saved],
+                               sorted(saved - set(expected)))
+    for hook in module._load_state_dict_post_hooks.values():  # they may drop accepted keys
+        hook(module, result)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint {source!r} does not fit the model: missing "
+                           f"{result.missing_keys[:5]} ({len(result.missing_keys)} in all), "
+                           f"unexpected {result.unexpected_keys[:5]} "
+                           f"({len(result.unexpected_keys)} in all)")
 
 
 @contextlib.contextmanager

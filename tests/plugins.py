@@ -59,9 +59,10 @@ class GradientDump(Callback):
 
     For each of ``steps`` (optimiser steps of epoch 0, from 0): the full (unsharded) policy
     weights before the step, the full gradient of every parameter just before the optimiser
-    step, the global policy loss (the sum of the ranks' shares), the rollout buffer (the whole
-    rollout, the same on every rank) and the buffer indices of the global mini-batch, so a test
-    can recompute the step on one process from the same batch. Saved as ``{step: record}``.
+    step, the step's global loss (the policy loss plus the KL and entropy terms, summed over
+    ranks), the rollout buffer (the whole rollout, the same on every rank) and the buffer indices
+    of the global mini-batch, so a test can recompute the step on one process from the same
+    batch. Saved as ``{step: record}``.
     """
 
     def __init__(self, path: str, steps: list[int] | None = None) -> None:
@@ -86,7 +87,7 @@ class GradientDump(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.current_epoch != 0 or batch_idx not in self.records:
             return
-        loss = trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="sum")
+        loss = outputs["loss"]  # the global total: the module sums its ranks' shares
         from dgpo.rollout.buffer import MiniBatchSampler
 
         buffer = trainer.datamodule.buffer
@@ -249,3 +250,23 @@ class SigkillOnce(Callback):
         if trainer.current_epoch == self.epoch and not Path(self.marker).exists():
             Path(self.marker).touch()
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class WeightsDump(Callback):
+    """Saves the policy's full (unsharded) state dict at the end of training, on rank 0.
+
+    Peft's names (``base_model.model....q_proj.base_layer.weight``, ``...lora_A.default...``)
+    without wrapper parts; gathered under FSDP1/FSDP2 (a collective on every rank).
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from dgpo.distributed import clean_name, full_weights
+
+        named = full_weights(pl_module.policy) if pl_module.sharded else (
+            (clean_name(k), v) for k, v in pl_module.policy.state_dict().items())
+        weights = {name: tensor.detach().clone() for name, tensor in named}
+        if trainer.is_global_zero:
+            torch.save(weights, self.path)

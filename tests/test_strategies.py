@@ -12,6 +12,7 @@ from dgpo.strategies import (
     CPUFSDPStrategy,
     FSDP2Strategy,
     _full_state_dict_context_in_place,
+    check_full_checkpoint_keys,
     strategy_kind,
 )
 
@@ -192,3 +193,26 @@ def test_scoring_shares_prompts_even_with_activation_checkpointing(tiny_model_pa
         assert module.policy.training
     for shared, plain in zip(scores[True], scores[False], strict=True):
         torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_full_checkpoint_keys_check_accepts_only_what_the_load_hooks_allow():
+    class Frozen(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.policy = torch.nn.Linear(2, 2)  # "policy.weight", "policy.bias"
+            self.register_buffer("scratch", torch.zeros(1), persistent=False)  # never saved
+
+    def allow_missing_bias(module, incompatible_keys) -> None:
+        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
+                                             if k != "policy.bias"]
+
+    module = Frozen()
+    check_full_checkpoint_keys(module, ["policy.weight", "policy.bias"], "a.ckpt")
+    with pytest.raises(RuntimeError, match=r"'a.ckpt' does not fit the model: missing "
+                                           r"\['policy.bias'\] \(1 in all\), unexpected \[\]"):
+        check_full_checkpoint_keys(module, ["policy.weight"], "a.ckpt")
+    module.register_load_state_dict_post_hook(allow_missing_bias)
+    check_full_checkpoint_keys(module, ["policy.weight"], "a.ckpt")
+    with pytest.raises(RuntimeError, match=r"missing \['policy.weight'\] \(1 in all\), "
+                                           r"unexpected \['policy.extra'\] \(1 in all\)"):
+        check_full_checkpoint_keys(module, ["policy.extra"], "a.ckpt")
