@@ -62,9 +62,9 @@ def main() -> None:
         correct = [bool(c) for c in out.correct]
         groups = [correct[i:i + args.n] for i in range(0, len(correct), args.n)]
         none = sum(not any(g) for g in groups) / len(groups)
+        seconds = time.perf_counter() - start
         print(f"| {task} | {' '.join(operations)} | {max_operand} | {operands} | "
-              f"{sum(correct) / len(correct):.3f} | {none:.2f} |  ({time.perf_counter() - start:.0f} s)",
-              flush=True)
+              f"{sum(correct) / len(correct):.3f} | {none:.2f} |  ({seconds:.0f} s)", flush=True)
     reward.close()
     engine.close()
 
