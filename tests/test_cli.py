@@ -278,8 +278,8 @@ def test_an_engine_that_misses_weight_pushes_stops_the_run(tmp_path, tiny_model_
     stale = {"class_path": "tests.plugins.StaleEngine",
              "init_args": {"model_path": tiny_model_path, "dtype": "float32"}}
     path = tiny_config(tmp_path, tiny_model_path, **{
-        "trainer.max_epochs": 3, "engine": stale,
-        "rollout.sync_tolerance": 1e-3})
+        "trainer.max_epochs": 3, "rollout.sync_tolerance": 1e-3})
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "engine": stale}))
     with pytest.raises(RuntimeError, match="disagree after the weight push"):
         main(["fit", "--config", str(path)])
     # the first rollout (identical weights) passed the check and trained

@@ -157,7 +157,7 @@ def test_rollout_buffer_rejects_a_mini_batch_that_ranks_cannot_split():
 def test_rollout_callback_shards_whole_groups_by_engine():
     callback = RolloutCallback(TransformersEngine(), n=2, rollout_batch_size=6, mini_batch_size=4)
     callback._shard_prompts(rank=2, world_size=3)
-    assert callback._prompt_range == (4, 6)
+    assert (callback._engines, callback._engine_index) == (3, 2)  # prompts [4, 6) of 6
     with pytest.raises(ValueError, match="rollout_batch_size=6 prompts cannot be split evenly "
                                          "over 4 rollout engines"):
         callback._shard_prompts(rank=0, world_size=4)
@@ -169,7 +169,7 @@ def test_rollout_callback_counts_tensor_parallel_ranks_as_one_engine():
     assert engine.ranks_per_engine(world_size=8) == 2
     callback = RolloutCallback(engine, n=2, rollout_batch_size=8, mini_batch_size=4)
     callback._shard_prompts(rank=5, world_size=8)  # engines of ranks (0,1) (2,3) (4,5) (6,7)
-    assert callback._prompt_range == (4, 6)
+    assert (callback._engines, callback._engine_index) == (4, 2)  # prompts [4, 6) of 8
     with pytest.raises(ValueError, match="6 ranks cannot be split into rollout engines of 4"):
         RolloutCallback(VLLMEngine("builtin:tiny-qwen2", tensor_parallel_size=4), n=2,
                         rollout_batch_size=8, mini_batch_size=4)._shard_prompts(0, 6)

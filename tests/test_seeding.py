@@ -54,8 +54,9 @@ def test_seed_everything_seeds_prompts_samples_and_reproduces_bit_for_bit(tmp_pa
     other, _, seeds_2 = _fit(tmp_path / "c", tiny_model_path, seed=2)
 
     assert first == again  # same prompts, completions, rewards: bit for bit
-    pd.testing.assert_frame_equal(metrics.filter(regex="^(rollout|train)/"),
-                                  metrics_again.filter(regex="^(rollout|train)/"))
+    numbers = "^(rollout|train)/(?!tokens_per_second)"  # wall-clock rates differ between runs
+    pd.testing.assert_frame_equal(metrics.filter(regex=numbers),
+                                  metrics_again.filter(regex=numbers))
     assert seeds_1 == seeds_again
     assert [row["prompt"] for row in first] != [row["prompt"] for row in other]
     assert [row["completion"] for row in first] != [row["completion"] for row in other]
