@@ -243,7 +243,8 @@ def test_runs_two_nodes_on_one_machine_match_one_process(tmp_path, tiny_model_pa
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (folder / "console.rank1.log").read_text()
     assert sorted(p.name for p in folder.parent.iterdir()) == ["version_0"]
     assert sorted(p.name for p in folder.iterdir()) == [
-        "checkpoints", "completions.jsonl", "config.yaml", "hparams.yaml", "metrics.csv"]
+        "checkpoints", "completions.jsonl", "config.yaml", "console.log", "console.rank1.log",
+        "hparams.yaml", "metrics.csv"]
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == [
         "epoch=1-step=8.ckpt", "last.ckpt"]
     assert_same_run(folder, straight, rtol=1e-4)  # the scale-out tests' tolerance
