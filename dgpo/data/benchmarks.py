@@ -1,9 +1,10 @@
 r"""Evaluation benchmarks: where each one's problems come from and how they reach the model.
 
 A :class:`Benchmark` names one problem set, read from a local ``.jsonl``/``.json``/``.parquet``
-file (``path``) or from the Hugging Face hub (``hf_id``, needs ``pip install datasets`` and a
-network). :func:`load_benchmark` returns its rows; :func:`benchmark_prompts` formats and
-tokenises them like the training prompts; :func:`benchmark_dataloader` serves them in batches of
+file (``path``), from the Hugging Face hub (``hf_id``, needs ``pip install datasets`` and a
+network) or from the synthetic arithmetic task (``synthetic``, e.g. its held-out split).
+:func:`load_benchmark` returns its rows; :func:`benchmark_prompts` formats and tokenises them
+like the training prompts; :func:`benchmark_dataloader` serves them in batches of
 :class:`BenchmarkBatch`, one data loader per benchmark.
 
 Example:
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dgpo.data.problems import load_problems
 from dgpo.data.prompt import PromptSample
+from dgpo.data.synthetic import ArithmeticTask, as_arithmetic_task
 from dgpo.data.templates import format_prompt
 
 #: The answer alternatives of a row are kept under this column (a list of strings).
@@ -39,7 +41,7 @@ class Benchmark:
 
     Raises:
         ValueError: If the name is not a plain identifier or is reserved, not exactly one of
-            ``path`` and ``hf_id`` is given, or ``limit < 1``.
+            ``path``, ``hf_id`` and ``synthetic`` is given, or ``limit < 1``.
 
     Example:
         >>> Benchmark("math500", hf_id="HuggingFaceH4/MATH-500", split="test").source
@@ -50,7 +52,7 @@ class Benchmark:
     name: str
     """Short name used in metric names (``val/<name>/avg@k``): letters, digits, ``_`` and ``-``."""
     path: str | None = None
-    """Local ``.jsonl``, ``.json`` or ``.parquet`` file; give this or ``hf_id``."""
+    """Local ``.jsonl``, ``.json`` or ``.parquet`` file; give one of it, ``hf_id``, ``synthetic``."""
     hf_id: str | None = None
     """Hugging Face hub data set id (e.g. ``HuggingFaceH4/MATH-500``); give this or ``path``."""
     hf_subset: str | None = None
@@ -65,6 +67,9 @@ class Benchmark:
     """Optional field listing other accepted answers (e.g. Minerva's ``answer_alternatives``)."""
     limit: int | None = None
     """Keep only the first ``limit`` problems (None: all)."""
+    synthetic: ArithmeticTask | None = None
+    """A synthetic arithmetic task (a dict of its fields is accepted), e.g. the held-out split of
+    the training task: ``{split: held_out, held_out_fraction: 0.1, ...}``."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -73,9 +78,13 @@ class Benchmark:
         if self.name in RESERVED_NAMES:
             raise ValueError(f"benchmark name {self.name!r} is reserved for the mean over "
                              f"benchmarks; reserved names: {list(RESERVED_NAMES)}")
-        if (self.path is None) == (self.hf_id is None):
-            raise ValueError(f"benchmark {self.name!r}: give exactly one of path and hf_id, got "
-                             f"path={self.path!r} and hf_id={self.hf_id!r}")
+        if isinstance(self.synthetic, Mapping):
+            self.synthetic = as_arithmetic_task(self.synthetic)
+        sources = (self.path, self.hf_id, self.synthetic)
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError(f"benchmark {self.name!r}: give exactly one of path, hf_id and "
+                             f"synthetic, got path={self.path!r}, hf_id={self.hf_id!r} and "
+                             f"synthetic={self.synthetic!r}")
         if self.limit is not None and (isinstance(self.limit, bool) or self.limit < 1):
             raise ValueError(f"benchmark {self.name!r}: limit must be None or an integer >= 1, "
                              f"got {self.limit!r}")
@@ -85,6 +94,8 @@ class Benchmark:
         """Where the problems come from, for messages and the results table."""
         if self.path is not None:
             return self.path
+        if self.synthetic is not None:
+            return f"synthetic ({self.synthetic.split} split)"
         subset = f", subset {self.hf_subset}" if self.hf_subset else ""
         return f"hf://{self.hf_id} (split {self.split}{subset})"
 
@@ -125,6 +136,8 @@ def load_benchmark(benchmark: Benchmark, limit: int | None = None) -> list[dict[
     fields = (benchmark.problem_field, benchmark.answer_field)
     if benchmark.path is not None:
         rows = load_problems(benchmark.path, *fields)
+    elif benchmark.synthetic is not None:
+        rows = benchmark.synthetic.problems()
     else:
         rows = _problem_rows(_hub_records(benchmark), benchmark)
     limits = [n for n in (benchmark.limit, limit) if n is not None]

@@ -21,7 +21,7 @@ from dgpo.data.benchmarks import (
 )
 from dgpo.data.problems import load_problems
 from dgpo.data.prompt import PromptSample
-from dgpo.data.synthetic import ArithmeticTask
+from dgpo.data.synthetic import ArithmeticTask, as_arithmetic_task
 from dgpo.data.templates import check_chat_template, format_prompt, validate_template
 from dgpo.rollout.buffer import RolloutBuffer
 from dgpo.seeding import run_seed
@@ -133,7 +133,7 @@ class RLVRDataModule(LightningDataModule):
         if template is not None:
             validate_template(template)
         if isinstance(synthetic, Mapping):
-            synthetic = _arithmetic_task(synthetic)
+            synthetic = as_arithmetic_task(synthetic)
         # Keep only plain values in the hyper-parameters: checkpoints are loaded with
         # torch.load(weights_only=True), which refuses custom classes.
         self.save_hyperparameters(ignore=["synthetic", "benchmarks", "tokenizer",
@@ -357,17 +357,3 @@ class RLVRDataModule(LightningDataModule):
             for text, x, row in zip(texts, ids, self.rows, strict=True)
             if len(x) <= limit
         ]
-
-
-def _arithmetic_task(settings: Mapping[str, Any]) -> ArithmeticTask:
-    """Build an :class:`ArithmeticTask` from a dict, naming unknown keys.
-
-    Raises:
-        ValueError: On an unknown key or a bad value.
-
-    """
-    fields = list(ArithmeticTask.__dataclass_fields__)
-    unknown = sorted(set(settings) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown synthetic task settings {unknown}; valid settings: {fields}")
-    return ArithmeticTask(**settings)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
 
-from dgpo.data import RLVRDataModule
+from dgpo.data import RLVRDataModule, arithmetic_problems
 from dgpo.evaluation import (
     Benchmark,
     BenchmarkBatch,
@@ -41,8 +41,8 @@ ROWS = [{"id": str(i), "question": f"What is {i} + {i}?", "gold": 2 * i, "alts":
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"name": "x"}, "give exactly one of path and hf_id"),
-        ({"name": "x", "path": "a.jsonl", "hf_id": "org/x"}, "give exactly one of path and hf_id"),
+        ({"name": "x"}, "give exactly one of path, hf_id and synthetic"),
+        ({"name": "x", "path": "a.jsonl", "hf_id": "org/x"}, "give exactly one of path, hf_id and synthetic"),
         ({"name": "has space", "path": "a.jsonl"}, "letters, digits"),
         ({"name": "mean", "path": "a.jsonl"}, "reserved"),
         ({"name": "x", "path": "a.jsonl", "limit": 0}, "limit must be None or an integer >= 1"),
@@ -51,6 +51,21 @@ ROWS = [{"id": str(i), "question": f"What is {i} + {i}?", "gold": 2 * i, "alts":
 def test_benchmark_bad_settings(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         Benchmark(**kwargs)
+
+
+def test_synthetic_benchmark_is_the_held_out_split_of_the_training_task() -> None:
+    task = {"operations": ["+", "*"], "max_operand": 9, "held_out_fraction": 0.2}
+    benchmark = Benchmark("held_out", synthetic={"num_problems": 12, "seed": 1,
+                                                 "split": "held_out", **task})
+    assert benchmark.source == "synthetic (held_out split)"
+    rows = load_benchmark(benchmark, limit=10)
+    assert len(rows) == 10
+    assert [r["problem"] for r in rows] == [
+        p["problem"] for p in arithmetic_problems(10, 1, ("+", "*"), 9, 2, "held_out", 0.2)]
+    train = {p["problem"] for p in arithmetic_problems(500, 0, ("+", "*"), 9, 2, "train", 0.2)}
+    assert not train & {r["problem"] for r in rows}
+    with pytest.raises(ValueError, match="give exactly one of path, hf_id and synthetic"):
+        Benchmark("x", path="a.jsonl", synthetic={"num_problems": 2})
 
 
 def test_load_benchmark_local_file_fields_limit_and_alternatives(tmp_path: Path) -> None:
