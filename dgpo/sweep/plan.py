@@ -133,7 +133,7 @@ def fit_arguments(config: str, loss: str, seed: int, sets: list[tuple[str, str]]
 
 def plan_runs(config: str, losses: list[str], seeds: list[int], sets: list[tuple[str, str]],
               grid: list[tuple[str, list[str]]], out: Path) -> list[Run]:
-    """Every run of the sweep, method by method, seed by seed.
+    """Every run of the sweep, seed by seed, each seed for every method in turn.
 
     Args:
         config: the task config file.
@@ -161,10 +161,11 @@ def plan_runs(config: str, losses: list[str], seeds: list[int], sets: list[tuple
     runs_root = out.resolve() / RUNS_DIR
     points = list(itertools.product(*[[(key, v) for v in values] for key, values in grid]))
     runs = []
-    for loss, label in zip(losses, labels, strict=True):
-        for point in points:
-            method = " ".join([label, *(f"{key}={value}" for key, value in point)])
-            for seed in seeds:
+    # Seed by seed, so that a sweep stopped part-way has the same seeds for every method.
+    for seed in seeds:
+        for loss, label in zip(losses, labels, strict=True):
+            for point in points:
+                method = " ".join([label, *(f"{key}={value}" for key, value in point)])
                 run_id = _safe("+".join([label, *(f"{k}={v}" for k, v in point)]) + f"-s{seed}")
                 run_dir = runs_root / run_id
                 args = fit_arguments(config, loss, seed, sets, point, run_dir)

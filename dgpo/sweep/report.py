@@ -92,7 +92,8 @@ def fmt(value: float) -> str:
     if np.isnan(value):
         return "–"
     size = abs(value)
-    return f"{value:.3f}" if size < 1 else f"{value:.2f}" if size < 100 else f"{value:.0f}"
+    text = f"{value:.3f}" if size < 1 else f"{value:.2f}" if size < 100 else f"{value:.0f}"
+    return text.removeprefix("-") if float(text) == 0 else text  # no "-0.000"
 
 
 def _cell(row: pd.Series, ci: CIMethod) -> str:

@@ -19,8 +19,9 @@ CONFIG = "configs/tiny.yaml"
 def test_plan_runs_losses_times_seeds(tmp_path: Path):
     runs = plan_runs(CONFIG, ["grpo", "configs/losses/cispo.yaml"], [0, 1],
                      [("trainer.max_epochs", "2")], [], tmp_path / "sw")
-    assert [r.run_id for r in runs] == ["grpo-s0", "grpo-s1", "cispo-s0", "cispo-s1"]
-    assert [r.method for r in runs] == ["grpo", "grpo", "cispo", "cispo"]
+    # seed by seed: a sweep stopped part-way has the same seeds for every method
+    assert [r.run_id for r in runs] == ["grpo-s0", "cispo-s0", "grpo-s1", "cispo-s1"]
+    assert [r.method for r in runs] == ["grpo", "cispo", "grpo", "cispo"]
     run_dir = (tmp_path / "sw" / "runs" / "cispo-s1").resolve()
     assert runs[3].run_dir == str(run_dir)
     args = list(runs[3].fit_args)

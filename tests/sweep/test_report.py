@@ -6,6 +6,7 @@ import pytest
 
 from dgpo.sweep.cli import write_report
 from dgpo.sweep.collect import epoch_table, run_metrics
+from dgpo.sweep.report import fmt
 from tests.sweep.fabricated import fabricate
 
 T_975_DF2 = 4.302652729749462  # Student t 97.5% quantile, 2 degrees of freedom
@@ -113,3 +114,11 @@ def test_write_report_before_any_run_finished(tmp_path: Path):
     text = (tmp_path / "report.md").read_text()
     assert "- runs: 0 finished, 0 failed, 6 not finished" in text
     assert "No comparison: `grpo` has no finished run" in text
+
+
+@pytest.mark.parametrize(("value", "text"), [(-0.0001, "0.000"), (-0.0004, "0.000"),
+                                             (-0.0006, "-0.001"), (0.25, "0.250"),
+                                             (-12.345, "-12.35"), (1234.5, "1234"),
+                                             (-0.004, "-0.004"), (float("nan"), "–")])
+def test_fmt_rounds_and_never_prints_negative_zero(value: float, text: str):
+    assert fmt(value) == text
