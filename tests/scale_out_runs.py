@@ -13,6 +13,8 @@ that under FSDP only rank 0 reads the policy.
 
 import json
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +39,30 @@ def record_weight_reads(log: Path) -> None:
         return original(cls, *args, **kwargs)
 
     AutoModelForCausalLM.from_pretrained = classmethod(from_pretrained)
+
+
+def free_port() -> int:
+    """A free TCP port on this machine, for a launch's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_plan(base: Path, plan: list[list[str]], timeout: float) -> None:
+    """Run ``plan``'s fits on 2 CPU ranks of one ``torchrun`` in ``base``.
+
+    Writes ``base/plan.json`` and the launch's output to ``base/output.log``; fails the test
+    with the output's tail when the launch exits non-zero.
+    """
+    (base / "plan.json").write_text(json.dumps(plan))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), str(Path(__file__).resolve()),
+               str(base / "plan.json")]
+    result = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    (base / "output.log").write_text(result.stdout + result.stderr)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
 
 
 if __name__ == "__main__":

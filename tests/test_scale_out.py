@@ -25,7 +25,6 @@ import copy
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +38,7 @@ from dgpo.cli import main
 from dgpo.losses import DGPOLoss
 from tests.conftest import HAS_VLLM, requires_vllm
 from tests.plugins import recompute_step
+from tests.scale_out_runs import launch_plan
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = yaml.safe_load((REPO / "configs" / "tiny_fsdp_cpu.yaml").read_text())
@@ -111,12 +111,6 @@ def epoch_metrics(root: Path, version: int = 0) -> pd.DataFrame:
     return frame[[c for c in frame.columns if not c.startswith(TIMING) and c != "step"]]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory, tiny_model_path):
     """The single-process reference runs (3 epochs), one per engine, made on first use."""
@@ -151,15 +145,7 @@ def launched(tmp_path_factory, tiny_model_path):
                      ["fit", "--config", str(again), "--ckpt_path",
                       str(root / "checkpoints" / "last.ckpt")]]
             paths[engine] = root
-        (base / "plan.json").write_text(json.dumps(plan))
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                   "--master_port", str(free_port()), str(REPO / "tests" / "scale_out_runs.py"),
-                   str(base / "plan.json")]
-        result = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True,
-                                timeout=300)
-        (base / "output.log").write_text(result.stdout + result.stderr)
-        assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+        launch_plan(base, plan, timeout=300)
         roots[strategy] = paths
         return paths
 

@@ -18,9 +18,6 @@ configs' settings (sharded checkpoints, activation checkpointing), FSDP2 full ch
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -32,8 +29,9 @@ from transformers import AutoModelForCausalLM
 
 from dgpo.cli import main
 from dgpo.lora import LORA_MARK, PEFT_PREFIX
+from tests.scale_out_runs import launch_plan
 from tests.test_cli import initial_weights
-from tests.test_scale_out import REPO, STRATEGIES, epoch_metrics, free_port, run_config
+from tests.test_scale_out import STRATEGIES, epoch_metrics, run_config
 
 LORA = {"r": 4, "alpha": 8.0}
 #: The FSDP1 case: sharded checkpoints and activation checkpointing (the paper configs');
@@ -70,15 +68,7 @@ def runs(tmp_path_factory, tiny_model_path) -> dict[str, Path]:
         plan += [["fit", "--config", str(lora_config(root, tiny_model_path, strategy, 2))],
                  ["fit", "--config", str(lora_config(root, tiny_model_path, strategy, 3)),
                   "--ckpt_path", str(root / "checkpoints" / "last.ckpt")]]
-    (base / "plan.json").write_text(json.dumps(plan))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), str(REPO / "tests" / "scale_out_runs.py"),
-               str(base / "plan.json")]
-    result = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True,
-                            timeout=600)
-    (base / "output.log").write_text(result.stdout + result.stderr)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    launch_plan(base, plan, timeout=600)
     return {"single": single, **{strategy: base / strategy for strategy in LORA_STRATEGIES}}
 
 

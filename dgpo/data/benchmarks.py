@@ -52,9 +52,9 @@ class Benchmark:
     name: str
     """Short name used in metric names (``val/<name>/avg@k``): letters, digits, ``_`` and ``-``."""
     path: str | None = None
-    """Local ``.jsonl``, ``.json`` or ``.parquet`` file; give one of it, ``hf_id``, ``synthetic``."""
+    """Local ``.jsonl``, ``.json`` or ``.parquet`` file; or give ``hf_id`` or ``synthetic``."""
     hf_id: str | None = None
-    """Hugging Face hub data set id (e.g. ``HuggingFaceH4/MATH-500``); give this or ``path``."""
+    """Hugging Face hub data set id (e.g. ``HuggingFaceH4/MATH-500``)."""
     hf_subset: str | None = None
     """Configuration (subset) name of the hub data set, if it has several."""
     split: str = "test"

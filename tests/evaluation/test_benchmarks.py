@@ -34,6 +34,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
+ONE_SOURCE = "give exactly one of path, hf_id and synthetic"
 ROWS = [{"id": str(i), "question": f"What is {i} + {i}?", "gold": 2 * i, "alts": [f"{2 * i}.0"]}
         for i in range(5)]
 
@@ -41,8 +42,8 @@ ROWS = [{"id": str(i), "question": f"What is {i} + {i}?", "gold": 2 * i, "alts":
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"name": "x"}, "give exactly one of path, hf_id and synthetic"),
-        ({"name": "x", "path": "a.jsonl", "hf_id": "org/x"}, "give exactly one of path, hf_id and synthetic"),
+        ({"name": "x"}, ONE_SOURCE),
+        ({"name": "x", "path": "a.jsonl", "hf_id": "org/x"}, ONE_SOURCE),
         ({"name": "has space", "path": "a.jsonl"}, "letters, digits"),
         ({"name": "mean", "path": "a.jsonl"}, "reserved"),
         ({"name": "x", "path": "a.jsonl", "limit": 0}, "limit must be None or an integer >= 1"),
