@@ -11,9 +11,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from dgpo.advantages import AdvantageEstimator, group_stats, resolve_advantage
+from dgpo.advantages import AdvantageEstimator, resolve_advantage
 from dgpo.data.prompt import PromptSample
-from dgpo.distributed import all_gather_objects, concat_reward_outputs, shard_bounds
+from dgpo.distributed import all_gather_objects, shard_bounds
 from dgpo.rewards import (
     DEFAULT_REWARD_TIMEOUT_S,
     MathVerifyReward,
@@ -29,11 +29,11 @@ from dgpo.rollout.groups import (
     Batch,
     Draw,
     RolloutRecord,
-    correctness,
     has_signal,
     overlong_penalties,
     select_groups,
 )
+from dgpo.rollout.metrics import rollout_metrics
 from dgpo.rollout.policy import check_rollout_policy
 from dgpo.rollout.sync import check_sync, sync_gap
 from dgpo.seeding import run_seed
@@ -371,41 +371,10 @@ class RolloutCallback(Callback):
     def _log(self, pl_module: LightningModule, batch: Batch, draws: list[Draw],
              scores: torch.Tensor, filter_metrics: dict[str, float],
              timings: dict[str, float]) -> None:
-        completions = batch.completions
-        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
-        truncated = torch.tensor([c.finish_reason == "length" for c in completions],
-                                 dtype=torch.float32)
-        rewards = scores.flatten()
-        sync = draws[0].sync
-        metrics = {
-            "rollout/reward_mean": rewards.mean(),
-            "rollout/reward_std": rewards.std() if rewards.numel() > 1 else torch.tensor(0.0),
-            "rollout/response_length_mean": lengths.mean(),
-            "rollout/response_length_max": lengths.max(),
-            "rollout/truncated_fraction": truncated.mean(),
-            "rollout/sync_logp_diff_max": torch.tensor(sync["max"]),
-            "rollout/sync_logp_diff_mean": torch.tensor(sync["mean"]),
-            # every generated token (all draws) over the time spent generating them
-            "rollout/tokens_per_second": sum(len(c.token_ids) for d in draws
-                                             for c in d.completions)
-            / max(timings["generation"], 1e-9),
-        }
-        if self.mask_truncated:
-            metrics["rollout/masked_truncated"] = truncated.sum()
-        if self.overlong_buffer is not None:
-            metrics["rollout/reward_unshaped_mean"] = torch.tensor(batch.reward.scores).mean()
-        correct = correctness(batch.reward.correct, scores)
-        stats = group_stats(correct, scores) if correct is not None else {
-            "zero_variance": float((~has_signal(scores)).float().mean())}
-        metrics.update({f"rollout/{k}": torch.tensor(float(v)) for k, v in stats.items()})
-        if self.dynamic_sampling:
-            metrics.update({f"rollout/filter/{k}": torch.tensor(float(v))
-                            for k, v in filter_metrics.items()})
-        # the reward's own metrics cover every scored sample of the epoch (all draws)
-        reward = concat_reward_outputs([d.reward for d in draws])
-        metrics.update({f"rollout/reward/{k}": torch.tensor(float(v))
-                        for k, v in reward.metrics.items()})
-        metrics.update({f"time/{k}_seconds": torch.tensor(v) for k, v in timings.items()})
+        metrics = rollout_metrics(batch, draws, scores, filter_metrics, timings,
+                                  mask_truncated=self.mask_truncated,
+                                  shaped=self.overlong_buffer is not None,
+                                  dynamic_sampling=self.dynamic_sampling)
         for name, value in metrics.items():
             # The values are already global (the same on every rank): syncing them is a no-op
             # that keeps Lightning from warning about unsynced epoch metrics.
