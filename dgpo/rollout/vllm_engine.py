@@ -66,6 +66,8 @@ class VLLMEngine(RolloutEngine):
         seed: vLLM's engine seed (for unseeded sampling).
         progress_bar: show vLLM's progress bars (loading, generating); None: only when dgpo's
             console is not quiet (``--verbose``, see :mod:`dgpo.console`).
+        llm_kwargs: further keyword arguments of ``vllm.LLM`` (e.g. ``enable_prefix_caching``);
+            they override the engine's own choices above.
 
     Raises:
         ValueError: if an argument is outside its allowed values.
@@ -89,6 +91,7 @@ class VLLMEngine(RolloutEngine):
         enforce_eager: bool = True,
         seed: int = 0,
         progress_bar: bool | None = None,
+        llm_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}.")
@@ -112,6 +115,7 @@ class VLLMEngine(RolloutEngine):
         self.kv_cache_space_gib = kv_cache_space_gib
         self.enforce_eager = enforce_eager
         self.seed = seed
+        self.llm_kwargs = dict(llm_kwargs or {})
         self._llm: vllm.LLM | None = None
         self._on_cpu = True
         self._asleep = False
@@ -179,6 +183,7 @@ class VLLMEngine(RolloutEngine):
         else:
             kwargs["gpu_memory_utilization"] = self.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = self.enable_sleep_mode
+        kwargs.update(self.llm_kwargs)
         env: dict[str, str | None] = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                                       "VLLM_CPU_KVCACHE_SPACE": None}
         self._owns_process_group = not torch.distributed.is_initialized()
