@@ -42,7 +42,8 @@ METRIC_DEFINITIONS = {
     "ln_fraction": f"mean `{LN}` (tokens in the LN region) over all epochs",
     "hp_fraction": f"mean `{HP}` (tokens in the HP region) over all epochs",
     "wall_seconds": "wall time of the run's `fit`, summed over its attempts (status.json)",
-    "val/<benchmark>/<metric>": "the last validation's Avg@k / Pass@k / Maj@k, when logged",
+    "val/<benchmark>/<metric>": "the last validation's Avg@k / Pass@k / Maj@k, when logged "
+                                "(`val/mean/*` only with several benchmarks)",
 }
 
 _VAL = re.compile(r"^val/.+/(avg|pass|maj)@\d+$")
@@ -97,7 +98,11 @@ def run_metrics(table: pd.DataFrame, wall_seconds: float | None) -> dict[str, fl
         "hp_fraction": _all_mean(column(HP)),
         "wall_seconds": float("nan") if wall_seconds is None else float(wall_seconds),
     }
-    for name in sorted(c for c in table.columns if _VAL.match(c)):
+    names = sorted(c for c in table.columns if _VAL.match(c))
+    benchmarks = {name.split("/")[1] for name in names} - {"mean"}
+    if len(benchmarks) == 1:  # the mean over one benchmark repeats it
+        names = [name for name in names if not name.startswith("val/mean/")]
+    for name in names:
         values = table[name].dropna()
         if len(values):
             metrics[name] = float(values.iloc[-1])

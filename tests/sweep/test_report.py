@@ -122,3 +122,13 @@ def test_write_report_before_any_run_finished(tmp_path: Path):
                                              (-0.004, "-0.004"), (float("nan"), "–")])
 def test_fmt_rounds_and_never_prints_negative_zero(value: float, text: str):
     assert fmt(value) == text
+
+
+def test_run_metrics_leave_out_the_mean_over_a_single_benchmark():
+    one = pd.DataFrame({"rollout/reward_mean": [0.1, 0.2],
+                        "val/held_out/avg@4": [float("nan"), 0.3],
+                        "val/mean/avg@4": [float("nan"), 0.3]})
+    assert "val/mean/avg@4" not in run_metrics(one, None)
+    assert run_metrics(one, None)["val/held_out/avg@4"] == 0.3
+    two = one.assign(**{"val/other/avg@4": [float("nan"), 0.5], "val/mean/avg@4": [None, 0.4]})
+    assert run_metrics(two, None)["val/mean/avg@4"] == 0.4
