@@ -252,6 +252,25 @@ class SigkillOnce(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class SignalOnce(Callback):
+    """Sends ``signal_name`` (e.g. ``"SIGTERM"``) to its own process when epoch ``epoch`` starts,
+    once (a ``marker`` file, so a resumed run of the same config is not signalled again).
+
+    Deterministic where a signal sent from outside races a fast run (a tiny epoch can finish
+    between the test seeing a checkpoint and its signal arriving).
+    """
+
+    def __init__(self, signal_name: str, epoch: int, marker: str) -> None:
+        self.signal = signal.Signals[signal_name]
+        self.epoch = epoch
+        self.marker = marker
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch and not Path(self.marker).exists():
+            Path(self.marker).touch()
+            os.kill(os.getpid(), self.signal)
+
+
 class WeightsDump(Callback):
     """Saves the policy's full (unsharded) state dict at the end of training, on rank 0.
 

@@ -116,12 +116,16 @@ def test_runs_sigkill_then_readme_resume_continues_the_same_run(tmp_path, tiny_m
     assert_same_run(folder, straight)
 
 
+def signal_at_epoch(root: Path, name: str, epoch: int) -> dict:
+    """A callback that signals its own run once, when ``epoch`` starts (after a checkpoint)."""
+    return {"class_path": "tests.plugins.SignalOnce",
+            "init_args": {"signal_name": name, "epoch": epoch, "marker": str(root / "signalled")}}
+
+
 def test_runs_sigterm_exits_143_and_resumes(tmp_path, tiny_model_path, straight):
-    config = write_config(tmp_path, tiny_model_path)
+    config = write_config(tmp_path, tiny_model_path, signal_at_epoch(tmp_path, "SIGTERM", 1))
     process = dgpo(tmp_path, "fit", "--config", str(config))
     folder = tmp_path / "runs" / "tiny" / "version_0"
-    wait_for(folder / "checkpoints" / "last.ckpt", process)  # epoch 0 is done: now in epoch 1
-    process.send_signal(signal.SIGTERM)
     code, output = finish(process)
     assert code == EXIT_SIGTERM, output[-4000:]
     assert "dgpo fit stopped by SIGTERM (exit code 143)" in output
@@ -133,11 +137,9 @@ def test_runs_sigterm_exits_143_and_resumes(tmp_path, tiny_model_path, straight)
 
 
 def test_runs_sigint_exits_130_with_the_last_epoch_checkpoint(tmp_path, tiny_model_path):
-    config = write_config(tmp_path, tiny_model_path)
+    config = write_config(tmp_path, tiny_model_path, signal_at_epoch(tmp_path, "SIGINT", 1))
     process = dgpo(tmp_path, "fit", "--config", str(config))
     last = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
-    wait_for(last, process)
-    process.send_signal(signal.SIGINT)
     code, output = finish(process)
     assert code == EXIT_SIGINT, output[-4000:]
     assert "dgpo fit stopped by SIGINT (exit code 130)" in output
