@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -56,13 +55,6 @@ def dgpo(root: Path, *args: str, **kwargs) -> subprocess.Popen:
 def finish(process: subprocess.Popen) -> tuple[int, str]:
     output, _ = process.communicate(timeout=TIMEOUT)
     return process.returncode, output
-
-
-def wait_for(path: Path, process: subprocess.Popen) -> None:
-    """Poll until ``path`` exists (the process must still be running)."""
-    while not path.exists():
-        assert process.poll() is None, process.communicate()[0][-4000:]
-        time.sleep(0.2)
 
 
 def metrics(folder: Path) -> pd.DataFrame:
