@@ -45,11 +45,18 @@ def write_config(root: Path, model_path: str, *callbacks: dict, **changes) -> Pa
     return path
 
 
+def _interruptible() -> None:
+    # A suite started in the background of a non-interactive shell inherits SIGINT ignored
+    # (POSIX), and Python then leaves it ignored; a user's terminal delivers Ctrl-C.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def dgpo(root: Path, *args: str, **kwargs) -> subprocess.Popen:
-    """``python -m dgpo <args>`` in ``root``, as a user would type it."""
+    """``python -m dgpo <args>`` in ``root``, as a user would type it (Ctrl-C not ignored)."""
     return subprocess.Popen([sys.executable, "-m", "dgpo", *args], cwd=root,
                             env={**os.environ, "PYTHONPATH": str(REPO)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_interruptible, **kwargs)
 
 
 def finish(process: subprocess.Popen) -> tuple[int, str]:
