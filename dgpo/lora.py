@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from transformers import AutoTokenizer
 from dgpo.distributed import clean_name
 from dgpo.loading import DTYPES, load_causal_lm
 from dgpo.models import resolve_model
+from dgpo.settings import check_known_keys
 
 #: The prefix peft puts before the base model's own parameter names.
 PEFT_PREFIX = "base_model.model."
@@ -92,10 +93,7 @@ class LoraSettings:
         """
         if value is None or isinstance(value, cls):
             return value
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(value) - set(known))
-        if unknown:
-            raise ValueError(f"unknown lora settings {unknown}; valid settings: {known}")
+        check_known_keys(cls, value, "lora")
         values = dict(value)
         if isinstance(values.get("target_modules"), tuple):
             values["target_modules"] = list(values["target_modules"])

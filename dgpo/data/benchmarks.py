@@ -28,6 +28,7 @@ from dgpo.data.problems import load_problems
 from dgpo.data.prompt import PromptSample
 from dgpo.data.synthetic import ArithmeticTask, as_arithmetic_task
 from dgpo.data.templates import format_prompt
+from dgpo.settings import check_known_keys
 
 #: The answer alternatives of a row are kept under this column (a list of strings).
 ALTERNATIVES = "answer_alternatives"
@@ -109,10 +110,7 @@ def as_benchmark(value: Benchmark | Mapping[str, Any]) -> Benchmark:
     """
     if isinstance(value, Benchmark):
         return value
-    fields = list(Benchmark.__dataclass_fields__)
-    unknown = sorted(set(value) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown benchmark fields {unknown}; valid fields: {fields}")
+    check_known_keys(Benchmark, value, "benchmark", noun="fields")
     return Benchmark(**value)
 
 

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+from dgpo.settings import check_known_keys
+
 Operation = Literal["+", "-", "*"]
 Split = Literal["all", "train", "held_out"]
 
@@ -193,8 +195,5 @@ def as_arithmetic_task(settings: ArithmeticTask | Mapping[str, Any]) -> Arithmet
     """
     if isinstance(settings, ArithmeticTask):
         return settings
-    fields = list(ArithmeticTask.__dataclass_fields__)
-    unknown = sorted(set(settings) - set(fields))
-    if unknown:
-        raise ValueError(f"unknown synthetic task settings {unknown}; valid settings: {fields}")
+    check_known_keys(ArithmeticTask, settings, "synthetic task")
     return ArithmeticTask(**settings)

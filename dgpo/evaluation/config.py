@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
+
+from dgpo.settings import check_known_keys
 
 EXTRACTIONS = ("boxed", "lenient")
 
@@ -93,8 +95,5 @@ class EvalConfig:
             return cls()
         if isinstance(value, cls):
             return value
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(value) - set(known))
-        if unknown:
-            raise ValueError(f"unknown evaluation settings {unknown}; valid settings: {known}")
+        check_known_keys(cls, value, "evaluation")
         return cls(**value)
