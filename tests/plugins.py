@@ -4,6 +4,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Literal
 
 import torch
 from lightning.pytorch import Callback
@@ -235,40 +236,34 @@ class CountSteps(Callback):
         loss.step = trainer.current_epoch * trainer.num_training_batches + batch_idx
 
 
-class SigkillOnce(Callback):
-    """``kill -9`` of its own process at the end of epoch ``epoch``, once (a ``marker`` file).
-
-    Placed after ``CompletionsTable`` it fires after that epoch's completions are written and
-    before its checkpoint (Lightning runs ``ModelCheckpoint`` last): the worst moment to die.
-    """
-
-    def __init__(self, epoch: int, marker: str) -> None:
-        self.epoch = epoch
-        self.marker = marker
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch and not Path(self.marker).exists():
-            Path(self.marker).touch()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
 class SignalOnce(Callback):
-    """Sends ``signal_name`` (e.g. ``"SIGTERM"``) to its own process when epoch ``epoch`` starts,
-    once (a ``marker`` file, so a resumed run of the same config is not signalled again).
+    """Sends ``signal_name`` (e.g. ``"SIGTERM"``) to its own process in epoch ``epoch``, once.
 
-    Deterministic where a signal sent from outside races a fast run (a tiny epoch can finish
-    between the test seeing a checkpoint and its signal arriving).
+    ``at="start"``: when the epoch starts, right after the previous epoch's checkpoint: a known
+    point of the run, where a signal sent from outside arrives whenever a poll happens to see the
+    checkpoint. ``at="end"``: at the end of the epoch; placed after ``CompletionsTable`` it fires
+    after that epoch's completions are written and before its checkpoint (Lightning runs
+    ``ModelCheckpoint`` last): the worst moment to die (``SIGKILL``). The ``marker`` file keeps a
+    resumed run of the same config from being signalled again.
     """
 
-    def __init__(self, signal_name: str, epoch: int, marker: str) -> None:
+    def __init__(self, signal_name: str, epoch: int, marker: str,
+                 at: Literal["start", "end"] = "start") -> None:
         self.signal = signal.Signals[signal_name]
         self.epoch = epoch
         self.marker = marker
+        self.at = at
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch == self.epoch and not Path(self.marker).exists():
+    def _fire(self, trainer, at: str) -> None:
+        if at == self.at and trainer.current_epoch == self.epoch and not Path(self.marker).exists():
             Path(self.marker).touch()
             os.kill(os.getpid(), self.signal)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._fire(trainer, "start")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._fire(trainer, "end")
 
 
 class WeightsDump(Callback):

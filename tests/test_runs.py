@@ -96,10 +96,16 @@ def straight(tmp_path_factory, tiny_model_path) -> Path:
     return root / "runs" / "tiny" / "version_0"
 
 
+def signal_at_epoch(root: Path, name: str, epoch: int, at: str = "start") -> dict:
+    """A callback that signals its own run once, when ``epoch`` starts (or ends: ``at``)."""
+    return {"class_path": "tests.plugins.SignalOnce",
+            "init_args": {"signal_name": name, "epoch": epoch, "at": at,
+                          "marker": str(root / "signalled")}}
+
+
 def test_runs_sigkill_then_readme_resume_continues_the_same_run(tmp_path, tiny_model_path,
                                                                 straight):
-    killer = {"class_path": "tests.plugins.SigkillOnce",
-              "init_args": {"epoch": 1, "marker": str(tmp_path / "killed")}}
+    killer = signal_at_epoch(tmp_path, "SIGKILL", 1, at="end")
     config = write_config(tmp_path, tiny_model_path, killer)
     code, output = finish(dgpo(tmp_path, "fit", "--config", str(config)))
     assert code == -signal.SIGKILL, output[-4000:]
@@ -113,12 +119,6 @@ def test_runs_sigkill_then_readme_resume_continues_the_same_run(tmp_path, tiny_m
     assert code == 0, output[-4000:]
     assert sorted(p.name for p in folder.parent.iterdir()) == ["version_0"]
     assert_same_run(folder, straight)
-
-
-def signal_at_epoch(root: Path, name: str, epoch: int) -> dict:
-    """A callback that signals its own run once, when ``epoch`` starts (after a checkpoint)."""
-    return {"class_path": "tests.plugins.SignalOnce",
-            "init_args": {"signal_name": name, "epoch": epoch, "marker": str(root / "signalled")}}
 
 
 def test_runs_sigterm_exits_143_and_resumes(tmp_path, tiny_model_path, straight):
