@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -124,6 +125,7 @@ def measure(args: argparse.Namespace) -> dict:
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=16)
     outputs = engine.llm.generate(prompts[:4], greedy, lora_request=request, use_tqdm=False)
     engine.close()
+    shutil.rmtree(folder)
     push, generate = statistics.median(push_s), statistics.median(generate_s)
     tokens = args.prompts * args.n * args.tokens
     return {"mode": args.run, "model": args.model, "r": args.r, "push_s": push,
